@@ -1,0 +1,224 @@
+"""Typed settings: one TOML file plus ``CORRAL_<SECTION>__<KEY>`` environment overrides.
+
+Unknown keys are rejected; :func:`load_settings` turns any validation failure into a one-line
+:class:`~corral.errors.ConfigError` that names the key. Tests build :class:`Settings` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from corral.errors import ConfigError
+from corral.models import KNOWN_AGENTS
+
+
+def default_socket_path() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path(tempfile.gettempdir()) / f"corral-{os.getuid()}"
+    return base / "corral" / "corral.sock" if runtime else base / "corral.sock"
+
+
+def default_data_dir() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "corral"
+
+
+def default_config_path() -> Path:
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home) / "corral" / "config.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DaemonSettings(_Section):
+    socket_path: Path = Field(default_factory=default_socket_path)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    log_level: str = "INFO"
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # NORMAL in WAL mode survives a killed daemon; FULL also survives power loss.
+    sqlite_synchronous: str = "NORMAL"
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return upper
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _sync(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError("must be one of OFF, NORMAL, FULL, EXTRA")
+        return upper
+
+
+class MaxConcurrent(_Section):
+    claude: int = Field(default=2, ge=0)
+    gemini: int = Field(default=2, ge=0)
+    local: int = Field(default=4, ge=0)
+
+    def for_agent(self, agent: str) -> int:
+        return int(getattr(self, agent))
+
+
+class PoolSettings(_Section):
+    max_workers: int = Field(default=8, ge=1)
+    max_concurrent: MaxConcurrent = Field(default_factory=MaxConcurrent)
+    default_max_retries: int = Field(default=2, ge=0, le=100)
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=60.0, ge=0)
+    cooldown_default_seconds: float = Field(default=30.0, ge=0)
+    kill_grace_seconds: float = Field(default=5.0, ge=0)
+
+
+class _CliAgentSettings(_Section):
+    enabled: bool = True
+    model: str = ""
+    extra_args: list[str] = Field(default_factory=list)
+    timeout_seconds: float = Field(default=1800.0, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    # The CLIs retry 429s for minutes; after this many announced retries corral stops the run
+    # and cools the agent down instead of holding a worker.
+    max_rate_limit_retries: int = Field(default=2, ge=0)
+
+
+class ClaudeSettings(_CliAgentSettings):
+    binary: str = "claude"
+    permission_mode: str = "acceptEdits"
+    strip_api_key: bool = False
+
+
+class GeminiSettings(_CliAgentSettings):
+    binary: str = "gemini"
+    approval_mode: str = "auto_edit"
+    model: str = "gemini-2.5-flash"
+
+
+class LocalModelSettings(_Section):
+    endpoint: str = ""
+    model: str = ""
+    timeout_seconds: float = Field(default=600.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    idle_timeout_seconds: float = Field(default=120.0, gt=0)
+    default_temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    api_key: SecretStr | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, or be empty for none")
+        return value
+
+
+class ClassifierSettings(_Section):
+    enabled: bool = True
+    default_agent: str = "local"
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("default_agent")
+    @classmethod
+    def _agent(cls, value: str) -> str:
+        if value not in KNOWN_AGENTS:
+            raise ValueError(f"must be one of {', '.join(KNOWN_AGENTS)}")
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything the daemon reads at startup. Build it directly in tests."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CORRAL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
+    gemini: GeminiSettings = Field(default_factory=GeminiSettings)
+    local_model: LocalModelSettings = Field(default_factory=LocalModelSettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then CORRAL_* variables, then the TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, with every secret replaced."""
+        data = self.model_dump(mode="json")
+        if self.local_model.api_key is not None:
+            data["local_model"]["api_key"] = "***"
+        for section in ("claude", "gemini"):
+            env = data[section]["env"]
+            for key in env:
+                if _looks_secret(key):
+                    env[key] = "***"
+        return data
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read settings from ``path`` (or the default file if it exists) plus the environment."""
+    explicit = path is not None
+    toml_path = path if path is not None else default_config_path()
+    if explicit and not toml_path.is_file():
+        raise ConfigError(f"config file {toml_path} does not exist")
+    if toml_path.is_file():
+        try:
+            with toml_path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {toml_path} is not valid TOML: {exc}") from None
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=toml_path if toml_path.is_file() else None)
+
+    try:
+        return _FromFile()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, toml_path)) from None
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{key}: {msg}")
+    return f"invalid config ({path}): " + "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Agents and the pool that runs them."""

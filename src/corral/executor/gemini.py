@@ -1,0 +1,224 @@
+"""GeminiRunner: the Gemini CLI, headless, translated into the stream-json envelope.
+
+Gemini prints its own JSON Lines (init, message, tool_use, tool_result, error, result); each is
+rewritten as the envelope event Claude would have printed. Noise lines (warnings, startup
+timings) go to ``stderr.log``. Quota errors become rate-limit results, including the per-minute
+case where the CLI retries silently and only its stderr shows ``status: 429``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, BinaryIO
+
+from corral.executor.clibase import CliHandler, CliRunner
+from corral.executor.proc import ProcOutcome, Stop
+from corral.executor.runner import RunRequest, RunResult, RunStatus
+from corral.executor.streamjson import EnvelopeWriter, parse_line, trim
+from corral.retry import retry_after_from_text
+
+EXIT_CODES = {
+    1: "gemini failed (exit 1)",
+    41: "gemini could not authenticate (exit 41): check GEMINI_API_KEY or its settings.json",
+    42: "gemini rejected its input (exit 42)",
+    52: "gemini's configuration is invalid (exit 52)",
+    53: "gemini hit its turn limit (exit 53)",
+    55: "gemini refused an untrusted folder (exit 55); corral passes --skip-trust",
+    130: "gemini was cancelled (exit 130)",
+    173: "gemini quota exhausted (exit 173, HTTP 429)",
+}
+_QUOTA_WORDS = ("resource_exhausted", "terminalquotaerror", "quota", "429", "rate limit")
+
+
+class GeminiRunner(CliRunner):
+    name = "gemini"
+    install_hint = "install it with `npm install -g @google/gemini-cli` or set [gemini] binary"
+
+    def __init__(self, *, approval_mode: str = "auto_edit", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.approval_mode = approval_mode
+
+    def argv(self, binary: str, request: RunRequest, model: str | None) -> list[str]:
+        # The CLI takes the prompt as -p's value; it goes through exec directly (never a shell).
+        argv = [binary, "-p", request.prompt, "--output-format", "stream-json", "--skip-trust"]
+        if model:
+            argv += ["-m", model]
+        if self.approval_mode:
+            argv += ["--approval-mode", self.approval_mode]
+        return argv + self.extra_args
+
+    def stdin_data(self, request: RunRequest) -> bytes:
+        return b""
+
+    def handler(
+        self, writer: EnvelopeWriter, stderr: BinaryIO, request: RunRequest, model: str | None
+    ) -> CliHandler:
+        cwd = str(request.workdir) if request.workdir else None
+        return _GeminiHandler(writer, stderr, self.max_rate_limit_retries, model, cwd)
+
+
+class _GeminiHandler(CliHandler):
+    def __init__(
+        self, writer: EnvelopeWriter, stderr: BinaryIO, max_retries: int,
+        model: str | None, cwd: str | None,
+    ) -> None:
+        self.w = writer
+        self.stderr = stderr
+        self.max_retries = max_retries
+        self.model = model
+        self.cwd = cwd
+        self.session_id: str | None = None
+        self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.errors: list[str] = []
+        self.result_event: dict[str, Any] | None = None
+        self.tokens_in: int | None = None
+        self.tokens_out: int | None = None
+        self.stderr_429s = 0
+        self.stderr_tail: list[str] = []
+        self.started = time.monotonic()
+        self._final_text = ""  # streamed text already closed into assistant messages
+
+    def stdout_line(self, line: bytes) -> Stop | None:
+        event = parse_line(line)
+        if event is None or "type" not in event:
+            if line.strip():
+                self.stderr.write(line + b"\n")
+                self.stderr.flush()
+            return None
+        handler = _TRANSLATE.get(str(event["type"]))
+        if handler is not None:
+            handler(self, event)
+        return None
+
+    def _init(self, event: dict[str, Any]) -> None:
+        self.session_id = event.get("session_id") or self.session_id
+        self.model = event.get("model") or self.model
+        self.w.init(session_id=self.session_id or "", model=self.model, cwd=self.cwd,
+                    source="gemini")
+
+    def _message(self, event: dict[str, Any]) -> None:
+        if event.get("role") != "assistant":
+            return
+        content = event.get("content")
+        if isinstance(content, str) and content:
+            self.w.text_delta(content)
+
+    def _tool_use(self, event: dict[str, Any]) -> None:
+        self._flush_text()
+        self.w.assistant(
+            message_id=f"msg_{uuid.uuid4().hex[:24]}", model=self.model, session_id=self.session_id,
+            content=[{"type": "tool_use", "id": event.get("tool_id"),
+                      "name": event.get("tool_name"), "input": event.get("parameters") or {}}],
+        )
+
+    def _tool_result(self, event: dict[str, Any]) -> None:
+        self.w.event({"type": "user", "session_id": self.session_id, "message": {
+            "role": "user", "content": [{
+                "type": "tool_result", "tool_use_id": event.get("tool_id"),
+                "content": event.get("output") or "", "is_error": event.get("status") != "success",
+            }]}})
+
+    def _error(self, event: dict[str, Any]) -> None:
+        message = str(event.get("message") or "")
+        self.errors.append(message)
+        self.w.event({"type": "system", "subtype": "error", "severity": event.get("severity"),
+                      "message": message, "session_id": self.session_id})
+
+    def _result(self, event: dict[str, Any]) -> None:
+        self.result_event = event
+        self._flush_text()
+        stats = event.get("stats") or {}
+        self.tokens_in = _int(stats.get("input_tokens"))
+        self.tokens_out = _int(stats.get("output_tokens"))
+        is_error = event.get("status") != "success"
+        error = event.get("error") or {}
+        message = str(error.get("message") or "") if isinstance(error, dict) else str(error)
+        if message:
+            self.errors.append(message)
+        cached = _int(stats.get("cached")) or 0
+        self.w.result(
+            is_error=is_error, result=message if is_error else self._final_text,
+            session_id=self.session_id,
+            duration_ms=_int(stats.get("duration_ms")) or self._elapsed_ms(),
+            usage={"input_tokens": max((self.tokens_in or 0) - cached, 0),
+                   "cache_read_input_tokens": cached, "output_tokens": self.tokens_out or 0},
+            total_cost_usd=None, num_turns=1, error=message or None,
+        )
+
+    def _flush_text(self) -> None:
+        """Close the streamed text as one consolidated assistant message, Claude-style."""
+        text = self.w.text[len(self._final_text):]
+        if not text:
+            return
+        self._final_text += text
+        self.w.assistant(message_id=self.message_id, model=self.model, session_id=self.session_id,
+                         content=[{"type": "text", "text": text}])
+        self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    def stderr_line(self, line: bytes) -> Stop | None:
+        text = line.decode("utf-8", "replace").strip()
+        if not text:
+            return None
+        self.stderr_tail = [*self.stderr_tail[-4:], text]
+        if "status: 429" in text or '"code": 429' in text or "code: 429" in text:
+            self.stderr_429s += 1
+            if self.stderr_429s >= max(self.max_retries, 1):
+                return Stop("rate limited (HTTP 429); gemini was retrying, corral stopped it")
+        return None
+
+    def result(self, outcome: ProcOutcome, duration_ms: int) -> RunResult:
+        summary = trim(self.w.text) or trim("; ".join(self.errors))
+        out = RunResult(
+            status=RunStatus.SUCCEEDED, summary=summary, cost_usd=None,
+            tokens_in=self.tokens_in, tokens_out=self.tokens_out, session_id=self.session_id,
+            exit_code=outcome.exit_code, model=self.model,
+        )
+        if outcome.start_error:
+            out.status, out.error = RunStatus.FAILED, outcome.start_error
+            return out
+        if self._rate_limited(outcome):
+            text = " ".join(self.errors)
+            out.status = RunStatus.RATE_LIMITED
+            out.retry_after_s = retry_after_from_text(text)
+            out.error = "gemini: rate limited or quota exhausted" + (
+                f": {trim(text, 300)}" if text else ""
+            )
+            return out
+        ok = self.result_event is not None and self.result_event.get("status") == "success"
+        if ok and outcome.exit_code in (0, None):
+            return out
+        out.status = RunStatus.FAILED
+        detail = trim("; ".join(self.errors), 500)
+        known = EXIT_CODES.get(outcome.exit_code or 0)
+        tail = " | ".join(self.stderr_tail[-2:])
+        out.error = detail or known or f"gemini exited with code {outcome.exit_code}: {tail}"
+        if known and detail:
+            out.error = f"{known}: {detail}"
+        out.retryable = self.result_event is None and outcome.exit_code not in EXIT_CODES
+        return out
+
+    def _rate_limited(self, outcome: ProcOutcome) -> bool:
+        if outcome.stopped is not None or outcome.exit_code == 173:
+            return True
+        if self.result_event is None or self.result_event.get("status") == "success":
+            return False
+        text = " ".join(self.errors).lower()
+        return any(word in text for word in _QUOTA_WORDS)
+
+
+def _int(value: object) -> int | None:
+    return int(value) if isinstance(value, int | float) else None
+
+
+_TRANSLATE = {
+    "init": _GeminiHandler._init,
+    "message": _GeminiHandler._message,
+    "tool_use": _GeminiHandler._tool_use,
+    "tool_result": _GeminiHandler._tool_result,
+    "error": _GeminiHandler._error,
+    "result": _GeminiHandler._result,
+}

@@ -1,0 +1,218 @@
+"""Running an agent CLI as a child process: no shell, its own process group, bounded memory.
+
+``run_agent_process`` starts the program, feeds the prompt on stdin, hands each stdout and stderr
+line to a :class:`LineHandler`, and ends the whole process group on timeout, on cancellation or
+when the handler asks to stop (SIGTERM, then SIGKILL after a grace period). No child outlives
+its execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+CHUNK_BYTES = 64 * 1024
+MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Stop:
+    """A handler's request to end the run early (e.g. the CLI is stuck retrying a 429)."""
+
+    reason: str
+
+
+class LineHandler(Protocol):
+    def stdout_line(self, line: bytes) -> Stop | None: ...
+
+    def stderr_line(self, line: bytes) -> Stop | None: ...
+
+
+@dataclass(slots=True)
+class ProcOutcome:
+    exit_code: int | None
+    timed_out: bool = False
+    stopped: Stop | None = None
+    start_error: str | None = None
+
+
+def resolve_binary(binary: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The absolute path of ``binary`` (a name on PATH or a path), or None if not runnable."""
+    if os.sep in binary:
+        return binary if os.access(binary, os.X_OK) and Path(binary).is_file() else None
+    path = (env or os.environ).get("PATH", os.defpath)
+    return shutil.which(binary, path=path)
+
+
+def kill_group(pgid: int, sig: signal.Signals) -> bool:
+    """Signal a whole process group; False when it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+async def _pump(
+    stream: asyncio.StreamReader,
+    on_line: Callable[[bytes], Stop | None],
+    on_overflow: Callable[[int], None],
+    stop: Callable[[Stop], None],
+) -> None:
+    """Split a pipe into lines without ever holding more than ``MAX_LINE_BYTES`` of one."""
+    pending = bytearray()
+    dropping = 0
+    while True:
+        chunk = await stream.read(CHUNK_BYTES)
+        if not chunk:
+            break
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                break
+            if dropping:
+                on_overflow(dropping + nl - start)
+                dropping = 0
+            else:
+                pending += chunk[start:nl]
+                request = on_line(bytes(pending))
+                if request is not None:
+                    stop(request)
+            pending.clear()
+            start = nl + 1
+        rest = chunk[start:]
+        if dropping:
+            dropping += len(rest)
+        elif len(pending) + len(rest) > MAX_LINE_BYTES:
+            dropping = len(pending) + len(rest)
+            pending.clear()
+        else:
+            pending += rest
+    if dropping:
+        on_overflow(dropping)
+    elif pending:
+        request = on_line(bytes(pending))
+        if request is not None:
+            stop(request)
+
+
+async def run_agent_process(
+    argv: list[str],
+    *,
+    handler: LineHandler,
+    stdin_data: bytes,
+    cwd: Path | None,
+    env: Mapping[str, str],
+    stderr_file: BinaryIO,
+    timeout_s: float | None,
+    kill_grace_s: float = 5.0,
+    on_pgid: Callable[[int | None], Awaitable[None]] | None = None,
+) -> ProcOutcome:
+    """Run ``argv`` to completion (or timeout / stop / cancellation) and return how it ended.
+
+    Every stderr line is appended to ``stderr_file`` before the handler sees it.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            env=dict(env),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # own process group: we can end it and all it spawned
+        )
+    except OSError as exc:
+        return ProcOutcome(exit_code=None, start_error=f"cannot start {argv[0]}: {exc}")
+    pgid = proc.pid
+    if on_pgid is not None:
+        await on_pgid(pgid)
+    return await _supervise(proc, pgid, handler, stdin_data, stderr_file, timeout_s, kill_grace_s)
+
+
+async def _supervise(
+    proc: asyncio.subprocess.Process,
+    pgid: int,
+    handler: LineHandler,
+    stdin_data: bytes,
+    stderr_file: BinaryIO,
+    timeout_s: float | None,
+    kill_grace_s: float,
+) -> ProcOutcome:
+    assert proc.stdout is not None and proc.stderr is not None
+    outcome = ProcOutcome(exit_code=None)
+    stop_event = asyncio.Event()
+
+    def request_stop(stop: Stop) -> None:
+        if outcome.stopped is None:
+            outcome.stopped = stop
+        stop_event.set()
+
+    def on_stderr(line: bytes) -> Stop | None:
+        stderr_file.write(line + b"\n")
+        stderr_file.flush()
+        return handler.stderr_line(line)
+
+    def overflow(size: int) -> None:
+        stderr_file.write(f"[corral: dropped an output line of {size} bytes]\n".encode())
+        stderr_file.flush()
+
+    pumps = [
+        asyncio.create_task(_pump(proc.stdout, handler.stdout_line, overflow, request_stop)),
+        asyncio.create_task(_pump(proc.stderr, on_stderr, overflow, request_stop)),
+    ]
+    feeder = asyncio.create_task(_feed(proc, stdin_data))
+    waiter = asyncio.create_task(proc.wait())
+    stopper = asyncio.create_task(stop_event.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {waiter, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            outcome.timed_out = True
+        if waiter not in done:
+            await _terminate(proc, pgid, kill_grace_s)
+    finally:
+        # Cancellation lands here too: the group is ended before CancelledError goes on.
+        if proc.returncode is None:
+            await asyncio.shield(_terminate(proc, pgid, kill_grace_s))
+        kill_group(pgid, signal.SIGKILL)  # stragglers that left the leader behind
+        stopper.cancel()
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*pumps, return_exceptions=True), 5.0)
+        for task in pumps:
+            task.cancel()
+    outcome.exit_code = proc.returncode
+    return outcome
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            proc.stdin.close()
+
+
+async def _terminate(proc: asyncio.subprocess.Process, pgid: int, grace_s: float) -> None:
+    kill_group(pgid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except TimeoutError:
+        kill_group(pgid, signal.SIGKILL)
+        await proc.wait()

@@ -1,0 +1,82 @@
+"""The Runner protocol: what every agent adapter takes and returns.
+
+A runner gets a :class:`RunRequest` (prompt, model, working dir, timeout, execution folder), writes
+``stdout.log`` (the stream-json envelope) and ``stderr.log`` into the folder as it goes, and
+returns a :class:`RunResult`. It enforces ``timeout_s`` itself and, when cancelled, stops its
+agent (process group or HTTP stream) before letting ``CancelledError`` through.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from corral.executor.streamjson import ChangeStat
+
+
+class RunStatus(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RATE_LIMITED = "rate_limited"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(slots=True)
+class RunRequest:
+    prompt: str
+    exec_dir: Path
+    model: str | None = None
+    workdir: Path | None = None
+    timeout_s: float | None = None
+    # Told the process group id once a subprocess starts, so a crash can be cleaned up later.
+    on_pgid: Callable[[int | None], Awaitable[None]] | None = None
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.exec_dir / "stdout.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.exec_dir / "stderr.log"
+
+
+@dataclass(slots=True)
+class RunResult:
+    status: RunStatus
+    summary: str | None = None
+    cost_usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    session_id: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    # For RATE_LIMITED: how long the agent should cool down, when the peer said.
+    retry_after_s: float | None = None
+    # For FAILED: whether another attempt may succeed (a crash, a 5xx, a dropped connection).
+    retryable: bool = False
+    files_changed: int | None = None
+    insertions: int | None = None
+    deletions: int | None = None
+    model: str | None = None
+
+    def apply_changes(self, stat: ChangeStat | None) -> None:
+        """Record a measured change; git's own measurement wins over anything parsed."""
+        if stat is not None:
+            self.files_changed = stat.files_changed
+            self.insertions = stat.insertions
+            self.deletions = stat.deletions
+
+
+class Runner(Protocol):
+    """An agent adapter. ``name`` is its agent type (claude, gemini, local)."""
+
+    name: str
+
+    async def run(self, request: RunRequest) -> RunResult: ...
+
+    def unavailable_reason(self) -> str | None:
+        """Why this runner cannot run anything right now (missing binary…), or None."""
+        ...

@@ -1,0 +1,230 @@
+"""The stream-json envelope every runner writes to ``stdout.log``, and the reader for it.
+
+The envelope is what ``claude -p --output-format stream-json --verbose`` prints: ``system/init``,
+``stream_event`` text deltas, ``assistant`` messages, and a ``result`` terminator. One reader
+therefore extracts summary, cost, tokens and session from any runner's log. The reader tolerates
+unknown event types, blank or partial lines, and a missing terminator (a crash mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUMMARY_CHARS = 280
+
+_CHANGESTAT = re.compile(
+    r"(\d+) files? changed(?:, (\d+) insertions?\(\+\))?(?:, (\d+) deletions?\(-\))?"
+)
+
+
+class EnvelopeWriter:
+    """Appends envelope events to a file, one JSON line per write, unbuffered.
+
+    Each line reaches the file as it is written so ``corral logs -f`` shows progress live.
+    The writer also keeps the text streamed so far, so a failure can keep the partial answer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._parts: list[str] = []
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> EnvelopeWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def write_line(self, line: bytes) -> None:
+        """Write one already-encoded JSON line (a CLI's own output, kept byte for byte)."""
+        if not line.endswith(b"\n"):
+            line += b"\n"
+        os.write(self._fd, line)
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.write_line(json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode())
+
+    def init(self, *, session_id: str, model: str | None, cwd: str | None, **extra: Any) -> None:
+        self.event({"type": "system", "subtype": "init", "session_id": session_id,
+                    "model": model, "cwd": cwd, **extra})
+
+    def text_delta(self, text: str) -> None:
+        self._parts.append(text)
+        self.event({"type": "stream_event", "event": {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": text}}})
+
+    def assistant(
+        self,
+        *,
+        message_id: str,
+        model: str | None,
+        content: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        self.event({"type": "assistant", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "usage": usage or {}}, "session_id": session_id})
+
+    def result(
+        self,
+        *,
+        is_error: bool,
+        result: str,
+        session_id: str | None,
+        duration_ms: int,
+        usage: dict[str, Any],
+        total_cost_usd: float | None,
+        num_turns: int = 1,
+        error: str | None = None,
+        **extra: Any,
+    ) -> None:
+        event: dict[str, Any] = {
+            "type": "result",
+            "subtype": "error_during_execution" if is_error else "success",
+            "is_error": is_error, "result": result, "session_id": session_id,
+            "duration_ms": duration_ms, "num_turns": num_turns,
+            "total_cost_usd": total_cost_usd, "usage": usage, **extra,
+        }
+        if error is not None:
+            event["error"] = error
+        self.event(event)
+
+
+def parse_line(line: bytes | str) -> dict[str, Any] | None:
+    """One JSON object from a log line, or None for blank, partial or non-object lines."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def iter_events(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        event = parse_line(line)
+        if event is not None:
+            yield event
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every readable event in a log file; a missing file is an empty log."""
+    try:
+        with path.open("rb") as fh:
+            return list(iter_events(fh))
+    except FileNotFoundError:
+        return []
+
+
+@dataclass(slots=True)
+class EnvelopeSummary:
+    """What a finished (or crashed) run's envelope says."""
+
+    session_id: str | None = None
+    model: str | None = None
+    result_text: str | None = None
+    last_assistant_text: str | None = None
+    is_error: bool | None = None
+    cost_usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    has_result: bool = False
+    result_event: dict[str, Any] | None = None
+
+
+def assistant_text(event: dict[str, Any]) -> str:
+    message = event.get("message") or {}
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return ""
+    return "".join(
+        str(block.get("text", "")) for block in content
+        if isinstance(block, dict) and block.get("type") == "text"
+    )
+
+
+def summarize(events: Iterable[dict[str, Any]]) -> EnvelopeSummary:
+    out = EnvelopeSummary()
+    for event in events:
+        kind = event.get("type")
+        if kind == "system" and event.get("subtype") == "init":
+            out.session_id = event.get("session_id") or out.session_id
+            out.model = event.get("model") or out.model
+        elif kind == "assistant":
+            text = assistant_text(event)
+            if text.strip():
+                out.last_assistant_text = text
+        elif kind == "result":
+            apply_result(out, event)
+    return out
+
+
+def apply_result(out: EnvelopeSummary, event: dict[str, Any]) -> None:
+    out.has_result = True
+    out.result_event = event
+    out.session_id = event.get("session_id") or out.session_id
+    result = event.get("result")
+    out.result_text = result if isinstance(result, str) else None
+    out.is_error = bool(event.get("is_error")) or str(event.get("subtype", "")).startswith("error")
+    cost = event.get("total_cost_usd", event.get("cost_usd"))
+    out.cost_usd = float(cost) if isinstance(cost, int | float) else None
+    usage = event.get("usage") or {}
+    if isinstance(usage, dict):
+        tokens_in = sum(
+            int(usage.get(k) or 0)
+            for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+        out.tokens_in = tokens_in
+        out.tokens_out = int(usage.get("output_tokens") or 0)
+
+
+def extract_summary(events: Iterable[dict[str, Any]], limit: int = SUMMARY_CHARS) -> str | None:
+    """The result text, else the last assistant text, on one line and trimmed to ``limit``."""
+    summary = summarize(events)
+    text = summary.result_text if summary.result_text and summary.result_text.strip() else None
+    return trim(text or summary.last_assistant_text, limit)
+
+
+def trim(text: str | None, limit: int = SUMMARY_CHARS) -> str | None:
+    if not text:
+        return None
+    flat = " ".join(text.split())
+    if not flat:
+        return None
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeStat:
+    files_changed: int
+    insertions: int
+    deletions: int
+
+
+def parse_changestat(text: str) -> ChangeStat | None:
+    """The last ``N files changed, X insertions(+), Y deletions(-)`` in ``text``, if any."""
+    last = None
+    for match in _CHANGESTAT.finditer(text):
+        last = match
+    if last is None:
+        return None
+    return ChangeStat(int(last.group(1)), int(last.group(2) or 0), int(last.group(3) or 0))

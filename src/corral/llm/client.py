@@ -1,0 +1,373 @@
+"""``Client``: chat and streamed chat over ``{endpoint}/chat/completions``.
+
+The workhorse under LocalRunner and the classifier. It only speaks HTTP: callers that need a
+cheap answer (the classifier) use it directly rather than queueing through the pool, which is
+what keeps classification from waiting on a worker slot held by the task being classified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+
+from corral.errors import LLMError, RateLimitError, StreamError
+from corral.retry import (
+    RATE_LIMIT_STATUSES,
+    Sleep,
+    parse_retry_after,
+    run_with_backoff,
+)
+
+RETRY_STATUSES = frozenset({429, 503, 529})
+_ERROR_BODY_LIMIT = 500
+
+
+@dataclass(slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    messages: list[Message]
+    response_json: bool = False
+    json_schema: dict[str, Any] | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class ChatResponse:
+    content: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    model: str | None = None
+    cached_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Client:
+    """A chat client for one OpenAI-compatible endpoint (base URL including ``/v1``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        connect_timeout_s: float = 10.0,
+        idle_timeout_s: float = 120.0,
+        max_attempts: int = 3,
+        sleep: Sleep = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.model = model
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+        )
+        self._idle_timeout_s = idle_timeout_s
+        self._session = session
+        self._owns_session = session is None
+        self._max_attempts = max_attempts
+        self._sleep = sleep
+        self._rand = rand
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Client(endpoint={self.endpoint!r}, model={self.model!r})"
+
+    async def __aenter__(self) -> Self:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None if self._owns_session else self._session
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+    @property
+    def url(self) -> str:
+        return f"{self.endpoint}/chat/completions"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _body(self, request: ChatRequest, *, stream: bool, model: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model or self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if request.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "strict": True, "schema": request.json_schema},
+            }
+        elif request.response_json:
+            body["response_format"] = {"type": "json_object"}
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        return body
+
+    async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
+        """One non-streaming completion, retried on 429/503/529 and connection errors."""
+        body = self._body(request, stream=False, model=model)
+        return await self._with_retries(lambda _n: self._chat_once(body))
+
+    async def chat_stream(
+        self,
+        request: ChatRequest,
+        on_delta: Callable[[str], object],
+        *,
+        model: str | None = None,
+    ) -> ChatResponse:
+        """Stream a completion, calling ``on_delta(text)`` per content delta, in order.
+
+        Retries happen only before the first delta: a stream that has delivered content is never
+        replayed, since the caller has already acted on it.
+        """
+        body = self._body(request, stream=True, model=model)
+        return await self._with_retries(lambda _n: self._stream_once(body, on_delta))
+
+    async def _with_retries(self, attempt: Callable[[int], Any]) -> ChatResponse:
+        result: ChatResponse = await run_with_backoff(
+            attempt,
+            attempts=self._max_attempts,
+            should_retry=lambda exc: isinstance(exc, LLMError) and exc.retryable,
+            retry_after=lambda exc: exc.retry_after_s if isinstance(exc, LLMError) else None,
+            sleep=self._sleep,
+            rand=self._rand,
+        )
+        return result
+
+    async def _chat_once(self, body: dict[str, Any]) -> ChatResponse:
+        session = self._ensure_session()
+        try:
+            async with session.post(
+                self.url, json=body, headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._status_error(resp)
+                raw = await resp.read()
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, delivered=False) from exc
+        except TimeoutError as exc:
+            raise LLMError(f"{self.url} timed out", retryable=False) from exc
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise LLMError(f"{self.url} returned an undecodable reply: {_snippet(raw)}") from None
+        usage = data.get("usage") or {}
+        return ChatResponse(
+            content=content,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=choice.get("finish_reason"),
+            model=data.get("model"),
+            cached_tokens=_cached(usage),
+        )
+
+    async def _stream_once(
+        self, body: dict[str, Any], on_delta: Callable[[str], object]
+    ) -> ChatResponse:
+        session = self._ensure_session()
+        state = _StreamState()
+        try:
+            async with session.post(
+                self.url, json=body, headers=self._headers(), timeout=self._timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._status_error(resp)
+                async for line in resp.content:
+                    if state.feed(line, on_delta):
+                        break
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(
+                exc, delivered=state.delivered, partial=state.text()
+            ) from exc
+        except TimeoutError as exc:
+            raise StreamError(
+                f"{self.url} sent nothing for {self._idle_timeout_s:g}s (stream stalled)",
+                partial_content=state.text(),
+            ) from exc
+        except ValueError as exc:  # a line longer than the reader's limit
+            raise StreamError(f"{self.url} sent an oversized line: {exc}",
+                              partial_content=state.text()) from None
+        return state.finish(self.url)
+
+    async def _status_error(self, resp: aiohttp.ClientResponse) -> LLMError:
+        text = await _safe_text(resp)
+        retry_after_s = parse_retry_after(resp.headers)
+        detail = _error_message(text)
+        suffix = f"; retry-after: {retry_after_s:g}" if retry_after_s is not None else ""
+        if resp.status in RATE_LIMIT_STATUSES:
+            kind = "rate limit" if resp.status == 429 else "overloaded (rate limit)"
+            return RateLimitError(
+                f"{kind}: HTTP {resp.status} from {self.url}: {detail}{suffix}",
+                status=resp.status,
+                retry_after_s=retry_after_s,
+                retryable=True,
+            )
+        return LLMError(
+            f"HTTP {resp.status} from {self.url}: {detail}{suffix}",
+            status=resp.status,
+            retry_after_s=retry_after_s,
+            retryable=resp.status in RETRY_STATUSES,
+        )
+
+    def _connection_error(
+        self, exc: aiohttp.ClientError, *, delivered: bool, partial: str = ""
+    ) -> LLMError:
+        if isinstance(exc, LLMError):  # pragma: no cover - not an aiohttp error
+            return exc
+        reason = str(exc) or type(exc).__name__
+        if delivered:
+            return StreamError(
+                f"stream from {self.url} broke after content arrived: {reason}",
+                partial_content=partial,
+            )
+        return LLMError(f"cannot reach {self.url}: {reason}", retryable=True,
+                        partial_content=partial)
+
+
+class _StreamState:
+    """Parses SSE lines of a chat-completions stream; the hot loop of streaming."""
+
+    __slots__ = ("chunks", "delivered", "done", "finish_reason", "model", "usage")
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.delivered = False
+        self.done = False
+        self.finish_reason: str | None = None
+        self.model: str | None = None
+        self.usage: dict[str, Any] = {}
+
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    def feed(self, line: bytes, on_delta: Callable[[str], object]) -> bool:
+        """Handle one line; True once ``[DONE]`` arrives."""
+        if not line.startswith(b"data:"):
+            return False  # blank lines, ": comments", "event:" and "id:" fields
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        if not payload:
+            return False
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise StreamError(
+                f"undecodable data line in stream: {_snippet(payload)}",
+                partial_content=self.text(),
+            ) from None
+        if not isinstance(chunk, dict):
+            raise StreamError(f"unexpected data line in stream: {_snippet(payload)}",
+                              partial_content=self.text())
+        if "error" in chunk:
+            raise StreamError(f"server error mid-stream: {_error_text(chunk['error'])}",
+                              partial_content=self.text())
+        if self.model is None:
+            self.model = chunk.get("model")
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                self.chunks.append(content)
+                self.delivered = True
+                on_delta(content)
+            reason = choice.get("finish_reason")
+            if reason:
+                self.finish_reason = reason
+        return False
+
+    def finish(self, url: str) -> ChatResponse:
+        if not self.done and self.finish_reason is None:
+            raise StreamError(
+                f"stream from {url} ended before it finished (no finish_reason, no [DONE])",
+                partial_content=self.text(),
+            )
+        usage = self.usage
+        return ChatResponse(
+            content=self.text(),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=self.finish_reason,
+            model=self.model,
+            cached_tokens=_cached(usage),
+        )
+
+
+def _cached(usage: dict[str, Any]) -> int:
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+
+
+async def _safe_text(resp: aiohttp.ClientResponse) -> str:
+    try:
+        raw = await resp.content.read(64 * 1024)
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    return raw.decode("utf-8", "replace")
+
+
+def _error_text(err: object) -> str:
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("type") or json.dumps(err))
+    return str(err)
+
+
+def _error_message(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return _snippet(body) or "(empty body)"
+    if isinstance(data, dict) and "error" in data:
+        return _error_text(data["error"])
+    return _snippet(body)
+
+
+def _snippet(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text.strip()
+    return text if len(text) <= _ERROR_BODY_LIMIT else text[:_ERROR_BODY_LIMIT] + "…"

@@ -1,0 +1,109 @@
+"""Shapes shared by the API, the store and the CLI: tasks, executions and their states.
+
+Kept free of heavy imports: the CLI reads these names without loading the daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_TASK_STATES
+
+
+FINAL_TASK_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class ExecStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RATE_LIMITED = "rate_limited"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class AgentType(enum.StrEnum):
+    CLAUDE = "claude"
+    GEMINI = "gemini"
+    LOCAL = "local"
+
+
+AUTO = "auto"
+KNOWN_AGENTS: tuple[str, ...] = tuple(a.value for a in AgentType)
+
+
+@dataclass(slots=True)
+class Task:
+    id: int
+    prompt: str
+    state: TaskState
+    requested_agent: str | None = None
+    requested_model: str | None = None
+    agent: str | None = None
+    model: str | None = None
+    pinned: bool = False
+    classifier_reason: str | None = None
+    workdir: str | None = None
+    priority: int = 0
+    attempts: int = 0
+    max_retries: int = 0
+    timeout_s: float | None = None
+    error: str | None = None
+    run_after: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    executions: list[Execution] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = str(self.state)
+        data["executions"] = [e.to_dict() for e in self.executions]
+        return data
+
+
+@dataclass(slots=True)
+class Execution:
+    id: int
+    task_id: int
+    agent: str
+    model: str | None
+    status: ExecStatus
+    started_at: float
+    finished_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    session_id: str | None = None
+    summary: str | None = None
+    cost_usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    files_changed: int | None = None
+    insertions: int | None = None
+    deletions: int | None = None
+    log_path: str | None = None
+    pgid: int | None = None
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.finished_at is None:
+            return None
+        return int((self.finished_at - self.started_at) * 1000)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = str(self.status)
+        data["duration_ms"] = self.duration_ms
+        return data

@@ -1,0 +1,369 @@
+"""``Store``: tasks and executions in SQLite. The store is the queue.
+
+Claiming the next task is one ``UPDATE … RETURNING`` statement, so two claimers can never take the
+same task. The connection runs in autocommit mode; multi-statement changes use explicit
+``BEGIN IMMEDIATE`` transactions so a task and its execution always change together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from corral.errors import Conflict, NotFound
+from corral.models import ExecStatus, Execution, Task, TaskState
+from corral.storage.migrations import migrate
+
+Clock = Callable[[], float]
+
+_TASK_COLS = (
+    "id, prompt, requested_agent, requested_model, agent, model, pinned, classifier_reason,"
+    " workdir, priority, state, attempts, max_retries, timeout_s, error, run_after,"
+    " created_at, updated_at"
+)
+_EXEC_COLS = (
+    "id, task_id, agent, model, status, started_at, finished_at, exit_code, error, session_id,"
+    " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
+    " log_path, pgid"
+)
+EXEC_RESULT_FIELDS = frozenset({
+    "status", "finished_at", "exit_code", "error", "session_id", "summary", "cost_usd",
+    "tokens_in", "tokens_out", "files_changed", "insertions", "deletions", "pgid", "model",
+})
+TASK_UPDATE_FIELDS = frozenset({
+    "state", "attempts", "error", "run_after", "agent", "model", "classifier_reason",
+})
+
+
+def _task(row: Sequence[Any]) -> Task:
+    return Task(
+        id=row[0], prompt=row[1], requested_agent=row[2], requested_model=row[3], agent=row[4],
+        model=row[5], pinned=bool(row[6]), classifier_reason=row[7], workdir=row[8],
+        priority=row[9], state=TaskState(row[10]), attempts=row[11], max_retries=row[12],
+        timeout_s=row[13], error=row[14], run_after=row[15], created_at=row[16],
+        updated_at=row[17],
+    )
+
+
+def _execution(row: Sequence[Any]) -> Execution:
+    return Execution(
+        id=row[0], task_id=row[1], agent=row[2], model=row[3], status=ExecStatus(row[4]),
+        started_at=row[5], finished_at=row[6], exit_code=row[7], error=row[8], session_id=row[9],
+        summary=row[10], cost_usd=row[11], tokens_in=row[12], tokens_out=row[13],
+        files_changed=row[14], insertions=row[15], deletions=row[16], log_path=row[17],
+        pgid=row[18],
+    )
+
+
+class Store:
+    """Async SQLite store; use as ``async with Store(path) as store``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 5000,
+        clock: Clock = time.time,
+        migrate_upto: int | None = None,
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._clock = clock
+        self._migrate_upto = migrate_upto
+        self._conn: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            await conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await migrate(conn, upto=self._migrate_upto)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RuntimeError("store is not open")
+        return self._conn
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def create_task(
+        self,
+        prompt: str,
+        *,
+        requested_agent: str | None = None,
+        requested_model: str | None = None,
+        agent: str | None = None,
+        model: str | None = None,
+        pinned: bool = False,
+        classifier_reason: str | None = None,
+        workdir: str | None = None,
+        priority: int = 0,
+        max_retries: int = 0,
+        timeout_s: float | None = None,
+    ) -> Task:
+        now = self._clock()
+        row = await self._one(
+            "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
+            " classifier_reason, workdir, priority, max_retries, timeout_s, state, created_at,"
+            f" updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?) RETURNING {_TASK_COLS}",
+            (prompt, requested_agent, requested_model, agent, model, int(pinned),
+             classifier_reason, workdir, priority, max_retries, timeout_s, now, now),
+        )
+        return _task(row)
+
+    async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task:
+        row = await self._one(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,))
+        if row is None:
+            raise NotFound(f"task {task_id} does not exist")
+        task = _task(row)
+        if with_executions:
+            task.executions = await self.executions_for(task_id)
+        return task
+
+    async def list_tasks(self, *, state: TaskState | None = None, limit: int = 50) -> list[Task]:
+        if state is None:
+            rows = await self._all(
+                f"SELECT {_TASK_COLS} FROM tasks ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = await self._all(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE state = ? ORDER BY id DESC LIMIT ?",
+                (str(state), limit),
+            )
+        return [_task(r) for r in rows]
+
+    async def claim_next(self, *, pinned_agents: Iterable[str], any_agent: bool) -> Task | None:
+        """Atomically move the best ready task to ``running`` and count the attempt.
+
+        ``pinned_agents``: agents with a free slot, for tasks pinned to one agent.
+        ``any_agent``: whether some agent is free, for tasks the balancer may place anywhere.
+        Only classified tasks (``agent`` set) are claimable; priority first, then age.
+        """
+        agents = sorted(set(pinned_agents))
+        if not agents and not any_agent:
+            return None
+        now = self._clock()
+        marks = ",".join("?" * len(agents)) or "NULL"
+        row = await self._one(
+            "UPDATE tasks SET state = 'running', attempts = attempts + 1, updated_at = ?"
+            " WHERE id = (SELECT id FROM tasks WHERE state = 'queued' AND run_after <= ?"
+            " AND agent IS NOT NULL"
+            f" AND ((pinned = 1 AND agent IN ({marks})) OR (pinned = 0 AND ?))"
+            f" ORDER BY priority DESC, id LIMIT 1) RETURNING {_TASK_COLS}",
+            (now, now, *agents, int(any_agent)),
+        )
+        return None if row is None else _task(row)
+
+    async def next_ready_at(self) -> float | None:
+        """When the earliest delayed queued task becomes ready, if any is delayed."""
+        row = await self._one(
+            "SELECT MIN(run_after) FROM tasks WHERE state = 'queued' AND run_after > ?",
+            (self._clock(),),
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def unclassified(self) -> list[Task]:
+        rows = await self._all(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND agent IS NULL ORDER BY id"
+        )
+        return [_task(r) for r in rows]
+
+    async def set_classification(
+        self, task_id: int, *, agent: str, model: str | None, reason: str
+    ) -> None:
+        await self.conn.execute(
+            "UPDATE tasks SET agent = ?, model = ?, classifier_reason = ?, updated_at = ?"
+            " WHERE id = ?",
+            (agent, model, reason, self._clock(), task_id),
+        )
+
+    async def update_task(self, task_id: int, **fields: Any) -> None:
+        await self._update_task(task_id, fields)
+
+    async def _update_task(self, task_id: int, fields: dict[str, Any]) -> None:
+        unknown = set(fields) - TASK_UPDATE_FIELDS
+        if unknown:
+            raise ValueError(f"cannot update task fields {sorted(unknown)}")
+        fields = {k: (str(v) if isinstance(v, TaskState) else v) for k, v in fields.items()}
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        await self.conn.execute(
+            f"UPDATE tasks SET {sets}, updated_at = ? WHERE id = ?",
+            (*fields.values(), self._clock(), task_id),
+        )
+
+    async def cancel_queued(self, task_id: int) -> bool:
+        """Cancel a task that no worker holds. False when it is running or already final."""
+        cur = await self.conn.execute(
+            "UPDATE tasks SET state = 'cancelled', error = 'cancelled while queued',"
+            " updated_at = ? WHERE id = ? AND state = 'queued'",
+            (self._clock(), task_id),
+        )
+        return cur.rowcount == 1
+
+    async def requeue(self, task_id: int) -> Task:
+        """Put a finished task back in the queue with a fresh attempt budget."""
+        task = await self.get_task(task_id)
+        if task.state in (TaskState.QUEUED, TaskState.RUNNING):
+            raise Conflict(f"task {task_id} is {task.state}; only a finished task can be retried")
+        await self._update_task(
+            task_id, {"state": TaskState.QUEUED, "attempts": 0, "error": None, "run_after": 0.0}
+        )
+        return await self.get_task(task_id)
+
+    # -- executions ----------------------------------------------------------------------------
+
+    async def start_execution(
+        self, task_id: int, *, agent: str, model: str | None, executions_dir: Path
+    ) -> Execution:
+        row = await self._one(
+            "INSERT INTO executions (task_id, agent, model, status, started_at)"
+            f" VALUES (?, ?, ?, 'running', ?) RETURNING {_EXEC_COLS}",
+            (task_id, agent, model, self._clock()),
+        )
+        execution = _execution(row)
+        execution.log_path = str(executions_dir / str(execution.id))
+        await self.conn.execute(
+            "UPDATE executions SET log_path = ? WHERE id = ?", (execution.log_path, execution.id)
+        )
+        return execution
+
+    async def set_execution_pgid(self, execution_id: int, pgid: int | None) -> None:
+        await self.conn.execute(
+            "UPDATE executions SET pgid = ? WHERE id = ?", (pgid, execution_id)
+        )
+
+    async def finish(
+        self,
+        execution_id: int,
+        task_id: int,
+        *,
+        execution: dict[str, Any],
+        task: dict[str, Any],
+    ) -> None:
+        """Record an attempt's outcome and the task's next state in one transaction."""
+        unknown = set(execution) - EXEC_RESULT_FIELDS
+        if unknown:
+            raise ValueError(f"cannot update execution fields {sorted(unknown)}")
+        values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
+        values.setdefault("finished_at", self._clock())
+        sets = ", ".join(f"{k} = ?" for k in values)
+        conn = self.conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(
+                f"UPDATE executions SET {sets} WHERE id = ?", (*values.values(), execution_id)
+            )
+            await self._update_task(task_id, task)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def get_execution(self, execution_id: int) -> Execution:
+        row = await self._one(f"SELECT {_EXEC_COLS} FROM executions WHERE id = ?", (execution_id,))
+        if row is None:
+            raise NotFound(f"execution {execution_id} does not exist")
+        return _execution(row)
+
+    async def executions_for(self, task_id: int) -> list[Execution]:
+        rows = await self._all(
+            f"SELECT {_EXEC_COLS} FROM executions WHERE task_id = ? ORDER BY id", (task_id,)
+        )
+        return [_execution(r) for r in rows]
+
+    async def recover_interrupted(self) -> list[Execution]:
+        """After a crash: mark executions left ``running`` interrupted and requeue their tasks.
+
+        Tasks whose attempts are spent fail with the reason recorded. Returns the executions
+        that were interrupted (their ``pgid`` tells the caller which process groups to kill).
+        """
+        rows = await self._all(
+            f"SELECT {_EXEC_COLS} FROM executions WHERE status = 'running'"
+        )
+        interrupted = [_execution(r) for r in rows]
+        now = self._clock()
+        conn = self.conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(
+                "UPDATE executions SET status = 'interrupted', finished_at = ?,"
+                " error = 'daemon stopped while this execution was running'"
+                " WHERE status = 'running'",
+                (now,),
+            )
+            await conn.execute(
+                "UPDATE tasks SET state = 'failed', updated_at = ?,"
+                " error = 'interrupted by a daemon restart and out of attempts'"
+                " WHERE state = 'running' AND attempts > max_retries",
+                (now,),
+            )
+            await conn.execute(
+                "UPDATE tasks SET state = 'queued', updated_at = ? WHERE state = 'running'",
+                (now,),
+            )
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        return interrupted
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        by_state = {str(s): 0 for s in TaskState}
+        for state, count in await self._all("SELECT state, COUNT(*) FROM tasks GROUP BY state"):
+            by_state[state] = count
+        agents = {}
+        for row in await self._all(
+            "SELECT agent, COUNT(*), SUM(status = 'succeeded'), SUM(status = 'failed'),"
+            " SUM(status = 'rate_limited'), COALESCE(SUM(cost_usd), 0),"
+            " COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0),"
+            " AVG(CASE WHEN finished_at IS NOT NULL THEN (finished_at - started_at) * 1000 END)"
+            " FROM executions GROUP BY agent ORDER BY agent"
+        ):
+            agents[row[0]] = {
+                "executions": row[1], "succeeded": row[2] or 0, "failed": row[3] or 0,
+                "rate_limited": row[4] or 0, "cost_usd": round(row[5], 6),
+                "tokens_in": row[6], "tokens_out": row[7],
+                "avg_duration_ms": None if row[8] is None else int(row[8]),
+            }
+        return {"tasks": by_state, "agents": agents}
