@@ -1,0 +1,445 @@
+"""Pool: claims tasks from the store, places them on agents, runs them, records every attempt.
+
+* The store is the queue. A single dispatcher claims the best ready task with one atomic
+  statement, but only for agents that have a free slot and are not cooling down, so a saturated
+  agent never blocks another agent's tasks.
+* Tasks that did not name a registered agent are classified as soon as they are submitted, by a
+  classifier that talks to its LLM directly and holds no worker slot (no deadlock under load).
+* A rate-limited agent cools down; its pinned tasks wait, unpinned tasks fail over elsewhere.
+* A task's final state is written under ``asyncio.shield``: cancelling the daemon at that moment
+  cannot lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from corral.config import PoolSettings
+from corral.errors import BadRequest, Conflict, ShuttingDown
+from corral.executor.classifier import Classifier
+from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus
+from corral.models import AUTO, KNOWN_AGENTS, ExecStatus, Execution, Task, TaskState
+from corral.retry import backoff_delay
+from corral.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_CONCURRENCY = 4
+_MAX_IDLE_WAIT_S = 60.0
+
+
+@dataclass(slots=True)
+class AgentSlot:
+    """One registered agent's live state: its limit, what runs on it, its cool-down."""
+
+    name: str
+    runner: Runner
+    limit: int
+    running: int = 0
+    cooldown_until: float = 0.0
+    cooldowns_in_a_row: int = 0
+    last_error: str | None = None
+
+    def free(self, now: float) -> int:
+        if self.cooldown_until > now:
+            return 0
+        return max(self.limit - self.running, 0)
+
+
+@dataclass(slots=True)
+class _Job:
+    task: Task
+    agent: AgentSlot
+    worker: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Pool:
+    """The worker pool; ``async with Pool(...)`` starts dispatching, leaving it shuts down."""
+
+    def __init__(
+        self,
+        store: Store,
+        runners: Mapping[str, Runner],
+        classifier: Classifier | None,
+        settings: PoolSettings,
+        executions_dir: Path,
+        *,
+        unavailable: Mapping[str, str] | None = None,
+        grace_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.classifier = classifier
+        self.executions_dir = executions_dir
+        self.unavailable = dict(unavailable or {})
+        self.grace_s = grace_s
+        self.clock = clock
+        self.agents = {
+            name: AgentSlot(name, runner, settings.max_concurrent.for_agent(name))
+            for name, runner in runners.items()
+        }
+        self._jobs: dict[int, _Job] = {}
+        self._wake = asyncio.Event()
+        self._final_events: dict[int, asyncio.Event] = {}
+        self._classify_sem = asyncio.Semaphore(CLASSIFY_CONCURRENCY)
+        self._classifying: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._shutdown: asyncio.Task[None] | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        self.executions_dir.mkdir(parents=True, exist_ok=True)
+        self._accepting = True
+        for task in await self.store.unclassified():
+            self._classify_later(task)
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="corral-dispatcher")
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop taking work, let running tasks finish within the grace period, then cancel.
+
+        Cancelled tasks go back to the queue. Safe to call more than once.
+        """
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(
+                self._do_shutdown(self.grace_s if grace_s is None else grace_s)
+            )
+        await asyncio.shield(self._shutdown)
+
+    async def _do_shutdown(self, grace_s: float) -> None:
+        self._accepting = False
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        for task in list(self._classifying):
+            task.cancel()
+        await asyncio.gather(*self._classifying, return_exceptions=True)
+        workers = [j.worker for j in self._jobs.values() if j.worker is not None]
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=grace_s)
+            for job in list(self._jobs.values()):
+                if job.worker in pending:
+                    job.cancel_reason = "shutdown"
+                    job.worker.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- submitting, cancelling, waiting --------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+        workdir: str | None = None,
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Task:
+        """Store a task. A registered agent pins it; anything else goes to the classifier."""
+        if not self._accepting:
+            raise ShuttingDown("the daemon is shutting down and takes no new tasks")
+        if agent is not None and agent != AUTO and agent not in KNOWN_AGENTS:
+            raise BadRequest(
+                f"unknown agent {agent!r}; known agents: {', '.join((*KNOWN_AGENTS, AUTO))}",
+                code="unknown_agent",
+            )
+        pinned = agent in self.agents
+        task = await self.store.create_task(
+            prompt, requested_agent=agent, requested_model=model,
+            agent=agent if pinned else None, model=model, pinned=pinned,
+            classifier_reason="requested by the submitter" if pinned else None,
+            workdir=workdir, priority=priority,
+            max_retries=self.settings.default_max_retries if max_retries is None else max_retries,
+            timeout_s=timeout_s,
+        )
+        if pinned:
+            self.wake()
+        else:
+            self._classify_later(task)
+        return task
+
+    async def cancel(self, task_id: int) -> Task:
+        if await self.store.cancel_queued(task_id):
+            self._finalised(task_id)
+            return await self.store.get_task(task_id)
+        job = self._jobs.get(task_id)
+        if job is None:
+            task = await self.store.get_task(task_id)
+            raise Conflict(f"task {task_id} is already {task.state}; nothing to cancel")
+        job.cancel_reason = "cancelled"
+        if job.worker is not None:
+            job.worker.cancel()
+        await job.done.wait()
+        return await self.store.get_task(task_id)
+
+    async def retry(self, task_id: int) -> Task:
+        task = await self.store.requeue(task_id)
+        if task.agent is None:
+            self._classify_later(task)
+        self.wake()
+        return task
+
+    async def wait_final(self, task_id: int, timeout_s: float) -> Task:
+        """The task once it is final, or as it is when ``timeout_s`` runs out."""
+        event = self._final_events.setdefault(task_id, asyncio.Event())
+        task = await self.store.get_task(task_id)
+        if not task.state.final:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+            task = await self.store.get_task(task_id)
+        if task.state.final:
+            self._final_events.pop(task_id, None)
+        return task
+
+    def _finalised(self, task_id: int) -> None:
+        event = self._final_events.pop(task_id, None)
+        if event is not None:
+            event.set()
+
+    def agents_state(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        out = []
+        for name in KNOWN_AGENTS:
+            slot = self.agents.get(name)
+            if slot is None:
+                out.append({"name": name, "registered": False, "state": "unavailable",
+                            "reason": self.unavailable.get(name, "not configured")})
+                continue
+            cooling = slot.cooldown_until > now
+            busy = slot.free(now) == 0
+            out.append({
+                "name": name, "registered": True,
+                "state": "cooling_down" if cooling else ("busy" if busy else "ready"),
+                "running": slot.running, "max_concurrent": slot.limit,
+                "cooldown_until": slot.cooldown_until if cooling else None,
+                "cooldown_remaining_s": round(slot.cooldown_until - now, 1) if cooling else None,
+                "last_error": slot.last_error,
+            })
+        return out
+
+    # -- classification -------------------------------------------------------------------------
+
+    def _classify_later(self, task: Task) -> None:
+        job = asyncio.create_task(self._classify(task), name=f"corral-classify-{task.id}")
+        self._classifying.add(job)
+        job.add_done_callback(self._classifying.discard)
+
+    async def _classify(self, task: Task) -> None:
+        async with self._classify_sem:
+            if self.classifier is None or not self.agents:
+                agent = next(iter(self.agents), None)
+                if agent is None:
+                    await self._fail_unplaceable(task)
+                    return
+                reason = "no classifier; first registered agent"
+                decision_model = None
+            else:
+                decision = await self.classifier.classify(task.prompt)
+                agent, decision_model, reason = decision.agent, decision.model, decision.reason
+            if task.requested_agent and task.requested_agent not in (AUTO, agent):
+                reason = f"{task.requested_agent} is not registered; {reason}"
+            await self.store.set_classification(
+                task.id, agent=agent, model=task.requested_model or decision_model, reason=reason
+            )
+        self.wake()
+
+    async def _fail_unplaceable(self, task: Task) -> None:
+        await self.store.update_task(task.id, state=TaskState.FAILED,
+                                     error="no agent is registered to run this task")
+        self._finalised(task.id)
+
+    # -- dispatching ----------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                delay = await self._fill()
+            except Exception:  # a database hiccup must not stop dispatching for good
+                log.exception("dispatcher failed; retrying")
+                delay = 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _fill(self) -> float:
+        """Start as many ready tasks as slots allow; return how long to sleep at most."""
+        while len(self._jobs) < self.settings.max_workers:
+            now = self.clock()
+            free = [a for a in self.agents.values() if a.free(now) > 0]
+            if not free:
+                break
+            task = await self.store.claim_next(
+                pinned_agents=[a.name for a in free], any_agent=True
+            )
+            if task is None:
+                break
+            slot = self._place(task, free, now)
+            if slot.name != task.agent:
+                await self.store.update_task(
+                    task.id, agent=slot.name,
+                    classifier_reason=f"{task.classifier_reason}; balanced to {slot.name}",
+                )
+                task.agent = slot.name
+            job = _Job(task, slot)
+            self._jobs[task.id] = job
+            slot.running += 1
+            job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
+        return await self._next_wake_delay()
+
+    def _place(self, task: Task, free: list[AgentSlot], now: float) -> AgentSlot:
+        if task.pinned:
+            return self.agents[task.agent or ""]
+        # Most free capacity wins; a tie goes to the classifier's choice.
+        best = max(a.free(now) for a in free)
+        tied = [a for a in free if a.free(now) == best]
+        for slot in tied:
+            if slot.name == task.agent:
+                return slot
+        return tied[0]
+
+    async def _next_wake_delay(self) -> float:
+        now = self.clock()
+        moments = [a.cooldown_until for a in self.agents.values() if a.cooldown_until > now]
+        ready_at = await self.store.next_ready_at()
+        if ready_at is not None:
+            moments.append(ready_at)
+        if not moments:
+            return _MAX_IDLE_WAIT_S
+        return max(min(moments) - now, 0.01)
+
+    # -- running one attempt --------------------------------------------------------------------
+
+    async def _run(self, job: _Job) -> None:
+        task, slot = job.task, job.agent
+        execution: Execution | None = None
+        try:
+            execution = await self.store.start_execution(
+                task.id, agent=slot.name, model=task.model, executions_dir=self.executions_dir
+            )
+            request = RunRequest(
+                prompt=task.prompt, exec_dir=Path(execution.log_path or ""), model=task.model,
+                workdir=Path(task.workdir) if task.workdir else None, timeout_s=task.timeout_s,
+                on_pgid=_pgid_recorder(self.store, execution.id),
+            )
+            try:
+                result = await slot.runner.run(request)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._record_cancel(job, execution))
+                return
+            except Exception as exc:  # a runner bug or a disk failure: recorded, not fatal
+                log.exception("runner %s crashed on task %s", slot.name, task.id)
+                result = RunResult(status=RunStatus.FAILED,
+                                   error=f"{slot.name} runner error: {type(exc).__name__}: {exc}")
+            await asyncio.shield(self._record(job, execution, result))
+        except asyncio.CancelledError:
+            if execution is None:  # cancelled before the attempt began: give it back
+                await asyncio.shield(self._record_cancel(job, None))
+        except Exception:
+            log.exception("recording task %s failed", task.id)
+        finally:
+            slot.running -= 1
+            self._jobs.pop(task.id, None)
+            job.done.set()
+            self.wake()
+
+    async def _record(self, job: _Job, execution: Execution, result: RunResult) -> None:
+        task, slot = job.task, job.agent
+        now = self.clock()
+        exec_fields: dict[str, Any] = {
+            "status": ExecStatus(result.status), "exit_code": result.exit_code,
+            "error": result.error, "session_id": result.session_id, "summary": result.summary,
+            "cost_usd": result.cost_usd, "tokens_in": result.tokens_in,
+            "tokens_out": result.tokens_out, "files_changed": result.files_changed,
+            "insertions": result.insertions, "deletions": result.deletions,
+            "model": result.model or execution.model,
+        }
+        task_fields: dict[str, Any]
+        if result.status == RunStatus.SUCCEEDED:
+            slot.cooldowns_in_a_row = 0
+            task_fields = {"state": TaskState.SUCCEEDED, "error": None}
+        elif result.status == RunStatus.RATE_LIMITED:
+            self._cool_down(slot, result, now)
+            # Not the task's fault: it goes back to the queue without spending an attempt.
+            task_fields = {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
+                           "error": result.error}
+        elif result.status == RunStatus.FAILED and result.retryable and (
+            task.attempts <= task.max_retries
+        ):
+            delay = backoff_delay(task.attempts, base_s=self.settings.retry_base_seconds,
+                                  cap_s=self.settings.retry_max_seconds)
+            task_fields = {"state": TaskState.QUEUED, "run_after": now + delay,
+                           "error": result.error}
+        else:
+            task_fields = {"state": TaskState.FAILED, "error": result.error}
+        if result.status != RunStatus.SUCCEEDED:
+            slot.last_error = result.error
+        await self.store.finish(execution.id, task.id, execution=exec_fields, task=task_fields)
+        if task_fields["state"] != TaskState.QUEUED:
+            self._finalised(task.id)
+
+    def _cool_down(self, slot: AgentSlot, result: RunResult, now: float) -> None:
+        slot.cooldowns_in_a_row += 1
+        seconds = result.retry_after_s
+        if seconds is None:
+            seconds = backoff_delay(slot.cooldowns_in_a_row,
+                                    base_s=self.settings.cooldown_default_seconds,
+                                    cap_s=self.settings.cooldown_default_seconds * 16)
+        slot.cooldown_until = max(slot.cooldown_until, now + seconds)
+        log.warning("agent %s rate limited; cooling down for %.1fs", slot.name, seconds)
+
+    async def _record_cancel(self, job: _Job, execution: Execution | None) -> None:
+        task = job.task
+        if job.cancel_reason == "cancelled":
+            task_fields: dict[str, Any] = {"state": TaskState.CANCELLED,
+                                           "error": "cancelled while running"}
+            status = ExecStatus.CANCELLED
+        else:  # shutdown: the task goes back to the queue, the attempt is not counted
+            task_fields = {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
+                           "error": None}
+            status = ExecStatus.INTERRUPTED
+        if execution is None:
+            await self.store.update_task(task.id, **task_fields)
+        else:
+            await self.store.finish(
+                execution.id, task.id, task=task_fields,
+                execution={"status": status, "error": task_fields["error"] or "daemon shutdown"},
+            )
+        if task_fields["state"] != TaskState.QUEUED:
+            self._finalised(task.id)
+
+
+def _pgid_recorder(store: Store, execution_id: int) -> Callable[[int | None], Any]:
+    async def record(pgid: int | None) -> None:
+        await store.set_execution_pgid(execution_id, pgid)
+
+    return record
