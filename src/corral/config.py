@@ -6,8 +6,6 @@ Unknown keys are rejected; :func:`load_settings` turns any validation failure in
 
 from __future__ import annotations
 
-import os
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,22 +20,7 @@ from pydantic_settings import (
 
 from corral.errors import ConfigError
 from corral.models import KNOWN_AGENTS
-
-
-def default_socket_path() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) if runtime else Path(tempfile.gettempdir()) / f"corral-{os.getuid()}"
-    return base / "corral" / "corral.sock" if runtime else base / "corral.sock"
-
-
-def default_data_dir() -> Path:
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "corral"
-
-
-def default_config_path() -> Path:
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home) / "corral" / "config.toml"
+from corral.paths import default_config_path, default_data_dir, default_socket_path
 
 
 class _Section(BaseModel):

@@ -1,0 +1,257 @@
+"""``corral``: run the daemon (``serve``) or talk to it (every other command).
+
+Client commands import only the standard library and ``corral.server.client``: they answer fast.
+Exit codes: 0 ok, 1 the task or request failed, 2 usage error, 3 daemon not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.paths import client_socket_path
+from corral.render import render_log, task_detail, task_table
+from corral.server.client import ApiError, CorralClient, DaemonUnreachable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from corral.config import load_settings
+    from corral.daemon import serve
+    from corral.errors import ConfigError
+
+    try:
+        settings = load_settings(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"corral: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=settings.daemon.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"corral: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from corral.config import load_settings
+    from corral.errors import ConfigError
+
+    try:
+        settings = load_settings(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"corral: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    _print_json(settings.redacted())
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> CorralClient:
+    return CorralClient(str(client_socket_path(args.socket, args.config)))
+
+
+def _read_prompt(value: str) -> str:
+    if value != "-":
+        return value
+    data = sys.stdin.buffer.read()
+    return data.decode("utf-8", "replace")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"prompt": _read_prompt(args.prompt), "priority": args.priority}
+    if args.agent:
+        body["agent"] = args.agent
+    if args.model:
+        body["model"] = args.model
+    if args.dir:
+        body["workdir"] = str(Path(args.dir).resolve())
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    if args.retries is not None:
+        body["max_retries"] = args.retries
+    client = _client(args)
+    task = client.request("POST", "/tasks", body)
+    if args.wait:
+        task = _wait(client, int(task["id"]))
+    if args.json:
+        _print_json(task)
+    elif args.wait:
+        print(task_detail(task))
+    else:
+        print(f"task {task['id']} {task['state']}")
+    if args.wait and task["state"] != "succeeded":
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _wait(client: CorralClient, task_id: int) -> Any:
+    while True:
+        task = client.request("GET", f"/tasks/{task_id}/wait", query={"timeout_s": 30})
+        if task["state"] in FINAL_STATES:
+            return task
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/tasks", query={"state": args.state, "limit": args.limit})
+    if args.json:
+        _print_json(data["tasks"])
+    else:
+        print(task_table(data["tasks"]))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    task = _client(args).request("GET", f"/tasks/{args.id}")
+    if args.json:
+        _print_json(task)
+    else:
+        print(task_detail(task))
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    query = {"follow": "1" if args.follow else None, "execution": args.execution,
+             "stream": "stderr" if args.stderr else None}
+    lines = _client(args).stream(f"/tasks/{args.id}/log", query=query)
+    if args.raw or args.stderr:
+        for line in lines:
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+    else:
+        render_log(lines, sys.stdout)
+    return EXIT_OK
+
+
+def _task_action(args: argparse.Namespace, action: str) -> int:
+    task = _client(args).request("POST", f"/tasks/{args.id}/{action}")
+    if args.json:
+        _print_json(task)
+    else:
+        print(f"task {task['id']} {task['state']}")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _task_action(args, "cancel")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    return _task_action(args, "retry")
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/agents")
+    if args.json:
+        _print_json(data["agents"])
+        return EXIT_OK
+    now = time.time()
+    for a in data["agents"]:
+        if not a["registered"]:
+            print(f"{a['name']:<7} unavailable   {a['reason']}")
+            continue
+        line = f"{a['name']:<7} {a['state']:<13} {a['running']}/{a['max_concurrent']} running"
+        if a.get("cooldown_until"):
+            until = time.strftime("%H:%M:%S", time.localtime(a["cooldown_until"]))
+            line += f", cooling down until {until} ({a['cooldown_until'] - now:.0f}s)"
+        print(line)
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/stats")
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    print("tasks: " + ", ".join(f"{k} {v}" for k, v in data["tasks"].items()))
+    for name, a in data["agents"].items():
+        print(f"{name:<7} {a['executions']} runs ({a['succeeded']} ok, {a['failed']} failed,"
+              f" {a['rate_limited']} rate limited), ${a['cost_usd']:.4f},"
+              f" {a['tokens_in']} in / {a['tokens_out']} out tokens")
+    return EXIT_OK
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", help="daemon socket (default: $CORRAL_SOCKET or config)")
+    common.add_argument("--config", help="config file (default: $XDG_CONFIG_HOME/corral/...)")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
+    sub.add_parser("config", parents=[common], help="print the effective config (redacted)")
+    p = sub.add_parser("submit", parents=[common], help="queue a task")
+    p.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    p.add_argument("--agent", help="claude, gemini, local or auto")
+    p.add_argument("--model")
+    p.add_argument("--dir", help="working directory for the agent")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--timeout", type=_positive_float, help="seconds")
+    p.add_argument("--retries", type=int)
+    p.add_argument("--wait", action="store_true", help="block until the task is final")
+    p = sub.add_parser("ls", parents=[common], help="list tasks")
+    p.add_argument("--state", choices=["queued", "running", *FINAL_STATES])
+    p.add_argument("--limit", type=int, default=50)
+    for name, text in (("show", "a task and its executions"), ("cancel", "cancel a task"),
+                       ("retry", "queue a finished task again")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("id", type=int)
+    p = sub.add_parser("logs", parents=[common], help="an execution's log")
+    p.add_argument("id", type=int)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--raw", action="store_true", help="print the stream-json lines")
+    p.add_argument("--stderr", action="store_true", help="print stderr.log instead")
+    p.add_argument("--execution", type=int, help="a specific execution (default: the latest)")
+    sub.add_parser("agents", parents=[common], help="agents and their state")
+    sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
+    return parser
+
+
+COMMANDS = {
+    "serve": cmd_serve, "config": cmd_config, "submit": cmd_submit, "ls": cmd_ls,
+    "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel, "retry": cmd_retry,
+    "agents": cmd_agents, "stats": cmd_stats,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DaemonUnreachable as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ApiError as exc:
+        print(f"corral: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Wiring: config → store → llm client → runners → classifier → pool → server → signals.
+
+Shutdown runs in stages: stop taking work, let running tasks finish within the grace period,
+cancel the rest (their tasks go back to the queue), kill process groups, close the store and
+remove the socket. Signal handlers only set an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from corral.config import Settings
+from corral.errors import ConfigError
+from corral.executor.classifier import Classifier
+from corral.executor.claude import ClaudeRunner
+from corral.executor.gemini import GeminiRunner
+from corral.executor.local import LocalRunner
+from corral.executor.pool import Pool
+from corral.executor.proc import kill_group, resolve_binary
+from corral.executor.runner import Runner
+from corral.llm.client import Client
+from corral.models import Execution
+from corral.server.app import build_app
+from corral.storage.store import Store
+
+log = logging.getLogger("corral")
+
+
+class SocketInUse(ConfigError):
+    code = "socket_in_use"
+
+
+def prepare_socket(path: Path) -> None:
+    """Make the socket's folder (0700) and clear a stale socket; refuse a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    parent = path.parent.stat()
+    if parent.st_uid == os.getuid() and stat.S_IMODE(parent.st_mode) != 0o700:
+        os.chmod(path.parent, 0o700)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+        path.unlink(missing_ok=True)  # stale: its daemon is gone
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(f"another corral daemon is already serving on {path}")
+
+
+@dataclass(slots=True)
+class Agents:
+    runners: dict[str, Runner]
+    unavailable: dict[str, str]
+    client: Client | None
+
+
+def build_runners(settings: Settings, env: Mapping[str, str]) -> Agents:
+    runners: dict[str, Runner] = {}
+    unavailable: dict[str, str] = {}
+    client = None
+    lm = settings.local_model
+    if lm.endpoint:
+        client = Client(
+            lm.endpoint, lm.model, lm.api_key.get_secret_value() if lm.api_key else None,
+            timeout_s=lm.timeout_seconds, connect_timeout_s=lm.connect_timeout_seconds,
+            idle_timeout_s=lm.idle_timeout_seconds,
+        )
+        runners["local"] = LocalRunner(client, timeout_s=lm.timeout_seconds,
+                                       temperature=lm.default_temperature,
+                                       max_tokens=lm.max_tokens)
+    else:
+        unavailable["local"] = "[local_model] endpoint is empty"
+    grace = settings.pool.kill_grace_seconds
+    cl, ge = settings.claude, settings.gemini
+    candidates: list[tuple[str, bool, Runner]] = [
+        ("claude", cl.enabled, ClaudeRunner(
+            binary=cl.binary, model=cl.model, extra_args=cl.extra_args,
+            timeout_s=cl.timeout_seconds, env={**env, **cl.env}, kill_grace_s=grace,
+            max_rate_limit_retries=cl.max_rate_limit_retries,
+            permission_mode=cl.permission_mode, strip_api_key=cl.strip_api_key)),
+        ("gemini", ge.enabled, GeminiRunner(
+            binary=ge.binary, model=ge.model, extra_args=ge.extra_args,
+            timeout_s=ge.timeout_seconds, env={**env, **ge.env}, kill_grace_s=grace,
+            max_rate_limit_retries=ge.max_rate_limit_retries, approval_mode=ge.approval_mode)),
+    ]
+    for name, enabled, runner in candidates:
+        reason = None if enabled else f"disabled in [{name}]"
+        reason = reason or runner.unavailable_reason()
+        if settings.pool.max_concurrent.for_agent(name) == 0:
+            reason = f"[pool.max_concurrent] {name} is 0"
+        if reason:
+            unavailable[name] = reason
+        else:
+            runners[name] = runner
+    if settings.pool.max_concurrent.local == 0 and "local" in runners:
+        unavailable["local"] = "[pool.max_concurrent] local is 0"
+        del runners["local"]
+    return Agents(runners, unavailable, client)
+
+
+def build_classifier(settings: Settings, agents: Agents, env: Mapping[str, str]) -> Classifier:
+    gemini_binary = None
+    if agents.client is None and resolve_binary(settings.gemini.binary, env):
+        gemini_binary = settings.gemini.binary
+    return Classifier(
+        registered=list(agents.runners), default_agent=settings.classifier.default_agent,
+        timeout_s=settings.classifier.timeout_seconds, enabled=settings.classifier.enabled,
+        client=agents.client, gemini_binary=gemini_binary,
+        gemini_model=settings.gemini.model or None, gemini_env={**env, **settings.gemini.env},
+    )
+
+
+def kill_orphans(executions: list[Execution]) -> int:
+    """Kill process groups left by executions of a daemon that died; returns how many."""
+    killed = 0
+    for execution in executions:
+        pgid = execution.pgid
+        if not pgid or not _looks_like_agent(pgid, execution.agent):
+            continue
+        if kill_group(pgid, signal.SIGKILL):
+            killed += 1
+    return killed
+
+
+def _looks_like_agent(pgid: int, agent: str) -> bool:
+    # A recorded pgid may have been reused by an unrelated process after a reboot.
+    try:
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return agent.encode() in cmdline or b"node" in cmdline
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    settings: Settings, env: Mapping[str, str] | None = None
+) -> AsyncIterator[Pool]:
+    """Everything started and serving; leaving the block shuts it all down in stages."""
+    env = dict(os.environ if env is None else env)
+    socket_path = settings.daemon.socket_path
+    prepare_socket(socket_path)
+    data_dir = settings.daemon.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    agents = build_runners(settings, env)
+    if not agents.runners:
+        log.warning("no agent is available: %s", agents.unavailable)
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(
+            Store(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous)
+        )
+        interrupted = await store.recover_interrupted()
+        if interrupted:
+            log.warning("recovered %d executions interrupted by a previous daemon (%d killed)",
+                        len(interrupted), kill_orphans(interrupted))
+        if agents.client is not None:
+            await stack.enter_async_context(agents.client)
+        classifier = build_classifier(settings, agents, env) if agents.runners else None
+        pool = Pool(store, agents.runners, classifier, settings.pool, data_dir / "executions",
+                    unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds)
+        app = build_app(pool, store, max_request_bytes=settings.daemon.max_request_bytes)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        stack.callback(socket_path.unlink, missing_ok=True)
+        stack.push_async_callback(runner.cleanup)
+        site = web.UnixSite(runner, str(socket_path))
+        await site.start()
+        os.chmod(socket_path, 0o600)
+        await stack.enter_async_context(pool)
+        log.info("corral serving on %s with agents %s", socket_path,
+                 ", ".join(agents.runners) or "none")
+        yield pool
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running_daemon(settings):
+            await stop.wait()
+            log.info("stopping: finishing running tasks for up to %gs",
+                     settings.daemon.shutdown_grace_seconds)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("corral stopped")
+    return 0
