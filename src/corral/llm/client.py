@@ -182,10 +182,12 @@ class Client:
                 if resp.status != 200:
                     raise await self._status_error(resp)
                 raw = await resp.read()
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._connection_error(exc, delivered=False) from exc
+        except TimeoutError as exc:  # includes aiohttp's read timeouts
+            raise LLMError(f"{self.url} timed out waiting for a reply", retryable=False) from exc
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc, delivered=False) from exc
-        except TimeoutError as exc:
-            raise LLMError(f"{self.url} timed out", retryable=False) from exc
         try:
             data = json.loads(raw)
             choice = data["choices"][0]
@@ -216,14 +218,16 @@ class Client:
                 async for line in resp.content:
                     if state.feed(line, on_delta):
                         break
-        except aiohttp.ClientError as exc:
-            raise self._connection_error(
-                exc, delivered=state.delivered, partial=state.text()
-            ) from exc
-        except TimeoutError as exc:
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._connection_error(exc, delivered=False) from exc
+        except TimeoutError as exc:  # includes aiohttp's per-read idle timeout
             raise StreamError(
                 f"{self.url} sent nothing for {self._idle_timeout_s:g}s (stream stalled)",
                 partial_content=state.text(),
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(
+                exc, delivered=state.delivered, partial=state.text()
             ) from exc
         except ValueError as exc:  # a line longer than the reader's limit
             raise StreamError(f"{self.url} sent an oversized line: {exc}",

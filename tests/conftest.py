@@ -1,0 +1,215 @@
+"""Fixtures: factories that own their cleanup — fake API servers, real CLIs' environments,
+the real llama.cpp server with SmolLM2, stores on real SQLite files, and whole daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from corral.config import (
+    ClassifierSettings,
+    ClaudeSettings,
+    DaemonSettings,
+    GeminiSettings,
+    LocalModelSettings,
+    PoolSettings,
+    Settings,
+)
+from corral.storage.store import Store
+from tests import peers
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.gemini import FakeGemini
+from tests.fakes.openai import FakeOpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[str]:
+    """The real llama.cpp server with SmolLM2 on a free loopback port; yields ``…/v1``."""
+    binary = peers.llama_server_bin()
+    model = peers.smollm2_model()
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"corral-llama-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+             "--ctx-size", "4096", "--", "--parallel", "4", "--threads", "2"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-cpp-server exited with {proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310
+                    if json.loads(resp.read()).get("status") == "ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama-cpp-server not healthy within 120s; see {log_path}")
+            time.sleep(0.2)
+        yield f"{url}/v1"
+    finally:
+        # The console script is a wrapper that spawns the real server: end the whole group.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[Callable[[], Awaitable[FakeOpenAI]]]:
+    started: list[FakeOpenAI] = []
+
+    async def make() -> FakeOpenAI:
+        server = await FakeOpenAI().start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
+
+
+@pytest.fixture
+async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
+    server = await FakeAnthropic().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def fake_gemini() -> AsyncIterator[FakeGemini]:
+    server = await FakeGemini().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def claude_env(tmp_path: Path, fake_anthropic: FakeAnthropic) -> dict[str, str]:
+    """What the real claude CLI needs to run offline against the fake Anthropic server."""
+    home = tmp_path / "claude-home"
+    home.mkdir()
+    return {"PATH": os.environ["PATH"], "HOME": str(home),
+            "ANTHROPIC_BASE_URL": fake_anthropic.url, "ANTHROPIC_API_KEY": "sk-test-claude-key",
+            "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+
+
+@pytest.fixture
+def gemini_env(tmp_path: Path, fake_gemini: FakeGemini) -> dict[str, str]:
+    """What the real gemini CLI needs to run offline against the fake Gemini server."""
+    home = tmp_path / "gemini-home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(
+        json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}}})
+    )
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "GEMINI_API_KEY": "test-gemini-key",
+            "GOOGLE_GEMINI_BASE_URL": fake_gemini.url}
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store(tmp_path / "corral.db") as s:
+        yield s
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a daemon in ``tmp_path``; keyword arguments replace whole sections."""
+
+    def make(**sections: Any) -> Settings:
+        # AF_UNIX paths are limited to ~108 bytes: keep the socket short.
+        sock_dir = Path("/tmp") / f"corral-t{os.getpid()}-{time.monotonic_ns()}"
+        base: dict[str, Any] = {
+            "daemon": DaemonSettings(socket_path=sock_dir / "corral.sock",
+                                     data_dir=tmp_path / "data", shutdown_grace_seconds=2.0),
+            "pool": PoolSettings(retry_base_seconds=0.05, retry_max_seconds=0.2,
+                                 cooldown_default_seconds=1.0, kill_grace_seconds=1.0),
+            "claude": ClaudeSettings(enabled=False),
+            "gemini": GeminiSettings(enabled=False),
+            "local_model": LocalModelSettings(),
+            "classifier": ClassifierSettings(),
+        }
+        base.update(sections)
+        return Settings(**base)
+
+    return make
+
+
+class ApiClient:
+    """An async client for the daemon's socket (tests run inside the event loop)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path)))
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        async with self.session.request(method, f"http://corral{path}", **kwargs) as resp:
+            raw = await resp.read()
+            try:
+                return resp.status, json.loads(raw)
+            except ValueError:
+                return resp.status, raw
+
+    async def submit(self, **body: Any) -> dict[str, Any]:
+        status, task = await self.call("POST", "/tasks", json=body)
+        assert status == 201, task
+        return dict(task)
+
+    async def wait(self, task_id: int, timeout_s: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, task = await self.call("GET", f"/tasks/{task_id}/wait",
+                                           params={"timeout_s": "5"})
+            assert status == 200, task
+            if task["state"] in ("succeeded", "failed", "cancelled"):
+                return dict(task)
+            assert time.monotonic() < deadline, f"task {task_id} not final: {task}"
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+@pytest.fixture
+async def api_client() -> AsyncIterator[Callable[[Path], ApiClient]]:
+    clients: list[ApiClient] = []
+
+    def make(socket_path: Path) -> ApiClient:
+        client = ApiClient(socket_path)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 20.0,
+                every_s: float = 0.02) -> None:
+    """Poll ``predicate`` until true, failing at the deadline (never a blind sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(every_s)

@@ -1,0 +1,1 @@
+"""Loopback servers that speak real peer protocols, scriptable per test."""

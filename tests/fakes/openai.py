@@ -1,0 +1,105 @@
+"""A loopback OpenAI-compatible chat server (``/v1/chat/completions``, JSON and SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from tests.fakes.base import Drop, FakeServer, Garbage, Hang, Reply, Status, StreamError
+
+
+@dataclass
+class BareStringError(StreamError):
+    """LM Studio style: ``data: {"error": "text"}`` mid-stream."""
+
+
+@dataclass
+class FakeOpenAI(FakeServer):
+    """Every request is kept in ``requests`` with its ``headers`` and JSON ``body``."""
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url}/v1"
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "fake-model", "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append({"headers": dict(request.headers), "body": body})
+        behaviour = self.next_behaviour()
+        if isinstance(behaviour, Status):
+            return await self.status_response(behaviour)
+        if isinstance(behaviour, Hang):
+            await self.hang()
+            return web.Response(status=503)
+        reply = behaviour if isinstance(behaviour, Reply) else Reply(text="")
+        if not body.get("stream"):
+            if isinstance(behaviour, Garbage):
+                return web.Response(text=behaviour.text, content_type="application/json")
+            return web.json_response(self._completion(body, reply))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await self._stream(request, response, body, behaviour, reply)
+        return response
+
+    def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
+            "model": body.get("model") or "fake-model",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": reply.text}}],
+            "usage": {"prompt_tokens": reply.input_tokens,
+                      "completion_tokens": reply.output_tokens,
+                      "total_tokens": reply.input_tokens + reply.output_tokens},
+        }
+
+    @staticmethod
+    def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(data)}\n\n".encode()
+
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, body: dict[str, Any],
+        behaviour: object, reply: Reply,
+    ) -> None:
+        model = body.get("model") or "fake-model"
+        await response.write(b": keep-alive comment\n\n")
+        await response.write(self._chunk(model, {"role": "assistant", "content": ""}))
+        if isinstance(behaviour, Drop):
+            await response.write(self._chunk(model, {"content": behaviour.text}))
+            assert request.transport is not None
+            request.transport.close()
+            return
+        if isinstance(behaviour, Garbage):
+            await response.write(f"data: {behaviour.text}\n\n".encode())
+            return
+        if isinstance(behaviour, BareStringError):
+            await response.write(self._chunk(model, {"content": behaviour.text}))
+            await response.write(f"data: {json.dumps({'error': behaviour.message})}\n\n".encode())
+            return
+        if isinstance(behaviour, StreamError):
+            await response.write(self._chunk(model, {"content": behaviour.text}))
+            error = {"error": {"message": behaviour.message, "type": "server_error"}}
+            await response.write(f"data: {json.dumps(error)}\n\n".encode())
+            return
+        for piece in reply.pieces():
+            if reply.chunk_delay_s:
+                await asyncio.sleep(reply.chunk_delay_s)
+            await response.write(self._chunk(model, {"content": piece}))
+        await response.write(self._chunk(model, {}, "stop"))
+        usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                 "choices": [], "usage": {"prompt_tokens": reply.input_tokens,
+                                          "completion_tokens": reply.output_tokens}}
+        await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")

@@ -1,0 +1,229 @@
+"""corral.llm.Client against aioresponses, loopback fakes, and the real llama.cpp server."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aioresponses import aioresponses
+
+from corral.errors import LLMError, RateLimitError, StreamError
+from corral.llm import ChatRequest, Client, Message
+from tests import jsonschema_lite
+from tests.fakes.base import Drop, Garbage, Hang, Reply, Status
+from tests.fakes.base import StreamError as FakeStreamError
+from tests.fakes.openai import BareStringError, FakeOpenAI
+
+MakeFake = Callable[[], Awaitable[FakeOpenAI]]
+HELLO = ChatRequest([Message("user", "hello")])
+
+
+class Sleeps:
+    """An injected sleep: records the delays instead of waiting them out."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+async def test_chat_posts_bearer_model_messages_and_json_format() -> None:
+    url = "http://llm.test/v1/chat/completions"
+    with aioresponses() as mocked:
+        mocked.post(url, payload={
+            "model": "m1", "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": "world"}}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 7}})
+        async with Client("http://llm.test/v1", "m1", api_key="sk-secret") as client:
+            reply = await client.chat(ChatRequest([Message("user", "hello")], response_json=True))
+        call = mocked.requests[("POST", pytest.importorskip("yarl").URL(url))][0]
+    sent = call.kwargs["json"]
+    assert call.kwargs["headers"]["Authorization"] == "Bearer sk-secret"
+    assert sent["model"] == "m1"
+    assert sent["messages"] == [{"role": "user", "content": "hello"}]
+    assert sent["response_format"] == {"type": "json_object"}
+    assert (reply.content, reply.prompt_tokens, reply.output_tokens, reply.finish_reason) == (
+        "world", 4, 7, "stop")
+
+
+async def test_no_authorization_header_without_key(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    async with Client(fake.endpoint, "m") as client:
+        await client.chat(HELLO)
+    assert "Authorization" not in fake.requests[0]["headers"]
+
+
+async def test_chat_stream_joins_deltas_and_reads_usage_chunk(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(parts=("Hel", "lo, ", "world"), input_tokens=3, output_tokens=5))
+    deltas: list[str] = []
+    async with Client(fake.endpoint, "m") as client:
+        reply = await client.chat_stream(HELLO, deltas.append)
+    assert deltas == ["Hel", "lo, ", "world"]
+    assert reply.content == "Hello, world"
+    assert (reply.prompt_tokens, reply.output_tokens, reply.finish_reason) == (3, 5, "stop")
+    assert fake.requests[0]["body"]["stream_options"] == {"include_usage": True}
+
+
+async def test_429_with_retry_after_then_success(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Status(429, retry_after="1"), Reply(text="ok"))
+    sleeps = Sleeps()
+    async with Client(fake.endpoint, "m", sleep=sleeps) as client:
+        reply = await client.chat(HELLO)
+    assert len(fake.requests) == 2
+    assert reply.content == "ok"
+    assert sleeps.delays == [1.0]
+
+
+async def test_429_error_says_rate_limit_and_retry_after(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Status(429, retry_after="30"))
+    async with Client(fake.endpoint, "m", max_attempts=1) as client:
+        with pytest.raises(RateLimitError) as caught:
+            await client.chat(HELLO)
+    assert "rate limit" in str(caught.value)
+    assert "retry-after: 30" in str(caught.value)
+    assert caught.value.retry_after_s == 30.0
+
+
+async def test_http_date_retry_after_is_honoured(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    when = email.utils.formatdate(time.time() + 20, usegmt=True)
+    fake.push(Status(429, retry_after=when), Reply(text="ok"))
+    sleeps = Sleeps()
+    async with Client(fake.endpoint, "m", sleep=sleeps) as client:
+        assert (await client.chat_stream(HELLO, lambda _t: None)).content == "ok"
+    assert len(sleeps.delays) == 1 and 17 <= sleeps.delays[0] <= 20
+
+
+async def test_503_then_success_and_529_then_success(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Status(503), Status(529), Reply(text="fine"))
+    sleeps = Sleeps()
+    async with Client(fake.endpoint, "m", sleep=sleeps, rand=lambda: 0.0) as client:
+        assert (await client.chat_stream(HELLO, lambda _t: None)).content == "fine"
+    assert len(fake.requests) == 3
+    assert sleeps.delays == [0.5, 1.0]  # exponential backoff when the server names no delay
+
+
+async def test_400_is_not_retried(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Status(400, body={"error": {"message": "bad schema"}}))
+    async with Client(fake.endpoint, "m", sleep=Sleeps()) as client:
+        with pytest.raises(LLMError, match="bad schema") as caught:
+            await client.chat(HELLO)
+    assert caught.value.status == 400
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("behaviour, message", [
+    (FakeStreamError(message="model exploded", text="par"), "model exploded"),
+    (BareStringError(message="lm studio says no", text="par"), "lm studio says no"),
+])
+async def test_error_mid_stream_raises_with_server_message(
+    fake_openai: MakeFake, behaviour: Any, message: str
+) -> None:
+    fake = await fake_openai()
+    fake.push(behaviour)
+    async with Client(fake.endpoint, "m") as client:
+        with pytest.raises(StreamError, match=message) as caught:
+            await client.chat_stream(HELLO, lambda _t: None)
+    assert caught.value.partial_content == "par"
+    assert len(fake.requests) == 1  # content had arrived: never replayed
+
+
+async def test_drop_mid_stream_keeps_partial_content(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Drop(text="half an ans"))
+    async with Client(fake.endpoint, "m") as client:
+        with pytest.raises(StreamError) as caught:
+            await client.chat_stream(HELLO, lambda _t: None)
+    assert caught.value.partial_content == "half an ans"
+    assert len(fake.requests) == 1
+
+
+async def test_garbage_data_line_is_a_clear_error(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Garbage(text="{not json"))
+    async with Client(fake.endpoint, "m") as client:
+        with pytest.raises(StreamError, match="undecodable data line") as caught:
+            await client.chat_stream(HELLO, lambda _t: None)
+    assert not isinstance(caught.value.__cause__, json.JSONDecodeError)
+
+
+async def test_garbage_json_body_is_a_clear_error(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Garbage(text="<html>oops</html>"))
+    async with Client(fake.endpoint, "m") as client:
+        with pytest.raises(LLMError, match="undecodable reply"):
+            await client.chat(HELLO)
+
+
+async def test_hanging_server_fails_in_bounded_time(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Hang())
+    started = time.monotonic()
+    async with Client(fake.endpoint, "m", idle_timeout_s=0.3, max_attempts=1) as client:
+        with pytest.raises(StreamError, match="stalled"):
+            await client.chat_stream(HELLO, lambda _t: None)
+    assert time.monotonic() - started < 5
+
+
+async def test_connection_refused_is_retried_then_reported() -> None:
+    from tests.conftest import free_port
+
+    sleeps = Sleeps()
+    async with Client(f"http://127.0.0.1:{free_port()}/v1", "m", sleep=sleeps) as client:
+        with pytest.raises(LLMError, match="cannot reach"):
+            await client.chat(HELLO)
+    assert len(sleeps.delays) == 2
+
+
+async def test_json_schema_request_format(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    async with Client(fake.endpoint, "m") as client:
+        await client.chat(ChatRequest([Message("user", "x")], json_schema=schema))
+    fmt = fake.requests[0]["body"]["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["schema"] == schema
+
+
+def test_repr_hides_the_key() -> None:
+    assert "sk-secret" not in repr(Client("http://x/v1", "m", api_key="sk-secret"))
+
+
+@pytest.mark.real
+async def test_real_llama_chat_and_stream(llama_server: str) -> None:
+    async with Client(llama_server, "smollm2") as client:
+        reply = await client.chat(ChatRequest([Message("user", "Say hi.")], max_tokens=16))
+        deltas: list[str] = []
+        streamed = await client.chat_stream(
+            ChatRequest([Message("user", "Count to five.")], max_tokens=24), deltas.append
+        )
+    assert reply.content and reply.prompt_tokens > 0 and reply.output_tokens > 0
+    assert len(deltas) > 1 and "".join(deltas) == streamed.content
+    assert streamed.prompt_tokens > 0 and 0 < streamed.output_tokens <= 24
+    assert streamed.finish_reason in ("stop", "length")
+
+
+@pytest.mark.real
+async def test_real_llama_json_schema_reply_validates(llama_server: str) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"agent_type": {"type": "string", "enum": ["claude", "local"]},
+                       "reason": {"type": "string"}},
+        "required": ["agent_type", "reason"],
+        "additionalProperties": False,
+    }
+    async with Client(llama_server, "smollm2") as client:
+        reply = await client.chat(ChatRequest(
+            [Message("user", "Pick an agent for: fix a typo in README.")],
+            json_schema=schema, max_tokens=80, temperature=0.0))
+    jsonschema_lite.validate(json.loads(reply.content), schema)

@@ -1,0 +1,90 @@
+"""The SQLite store: migrations keep rows, claiming is atomic, crash recovery requeues."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiosqlite
+
+from corral.models import ExecStatus, TaskState
+from corral.storage.migrations import load_migrations
+from corral.storage.store import Store
+
+
+async def test_migrations_recorded_in_order(store: Store) -> None:
+    async with store.conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1") as c:
+        rows = list(await c.fetchall())
+    assert [r[0] for r in rows] == [m.version for m in load_migrations()]
+    assert rows[0][1] == "0001_tasks_executions"
+    assert rows[1][1] == "0002_execution_tokens"
+
+
+async def test_upgrade_from_0001_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with Store(path, migrate_upto=1) as old:
+        async with old.conn.execute("PRAGMA table_info(executions)") as cur:
+            columns = {row[1] for row in await cur.fetchall()}
+        assert "cost_usd" in columns and "tokens_in" not in columns
+        for i in range(5):
+            task = await old.create_task(f"prompt {i}", agent="local", pinned=True)
+            await old.conn.execute(
+                "INSERT INTO executions (task_id, agent, status, started_at, cost_usd)"
+                " VALUES (?, 'claude', 'succeeded', 1.0, ?)", (task.id, 0.25 * i))
+    async with Store(path) as new:
+        tasks = await new.list_tasks(limit=100)
+        assert sorted(t.prompt for t in tasks) == [f"prompt {i}" for i in range(5)]
+        executions = [e for t in tasks for e in await new.executions_for(t.id)]
+        assert sorted(e.cost_usd or 0 for e in executions) == [0, 0.25, 0.5, 0.75, 1.0]
+        assert all(e.tokens_in is None and e.tokens_out is None for e in executions)
+    async with aiosqlite.connect(path) as conn:
+        async with conn.execute("PRAGMA integrity_check") as cur:
+            assert (await cur.fetchone()) == ("ok",)
+
+
+async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    async with Store(path) as a, Store(path) as b:
+        for i in range(40):
+            await a.create_task(f"t{i}", agent="local", pinned=True)
+
+        async def drain(s: Store) -> list[int]:
+            got = []
+            while (task := await s.claim_next(pinned_agents=["local"], any_agent=False)):
+                got.append(task.id)
+            return got
+
+        first, second = await asyncio.gather(drain(a), drain(b))
+    assert len(first) + len(second) == 40
+    assert not set(first) & set(second)
+
+
+async def test_claim_order_priority_then_age_and_agent_filter(store: Store) -> None:
+    low = await store.create_task("low", agent="local", pinned=True)
+    high = await store.create_task("high", agent="local", pinned=True, priority=5)
+    other = await store.create_task("claude", agent="claude", pinned=True, priority=9)
+    unclassified = await store.create_task("auto")
+    first = await store.claim_next(pinned_agents=["local"], any_agent=False)
+    second = await store.claim_next(pinned_agents=["local"], any_agent=False)
+    assert first and second and (first.id, second.id) == (high.id, low.id)
+    assert first.attempts == 1 and first.state == TaskState.RUNNING
+    assert await store.claim_next(pinned_agents=["local"], any_agent=False) is None
+    assert (await store.get_task(other.id)).state == TaskState.QUEUED
+    assert (await store.get_task(unclassified.id)).state == TaskState.QUEUED
+
+
+async def test_recover_interrupted(tmp_path: Path) -> None:
+    async with Store(tmp_path / "r.db") as store:
+        again = await store.create_task("again", agent="local", pinned=True, max_retries=1)
+        spent = await store.create_task("spent", agent="local", pinned=True, max_retries=0)
+        for task_id in (again.id, spent.id):
+            claimed = await store.claim_next(pinned_agents=["local"], any_agent=False)
+            assert claimed is not None
+            await store.start_execution(task_id, agent="local", model=None,
+                                        executions_dir=tmp_path)
+        interrupted = await store.recover_interrupted()
+        assert len(interrupted) == 2
+        assert (await store.get_task(again.id)).state == TaskState.QUEUED
+        failed = await store.get_task(spent.id, with_executions=True)
+        assert failed.state == TaskState.FAILED and "out of attempts" in (failed.error or "")
+        assert failed.executions[0].status == ExecStatus.INTERRUPTED

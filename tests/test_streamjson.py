@@ -1,0 +1,114 @@
+"""The envelope reader, summary extraction, changestat parsing, and git measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from corral.executor.changes import git_base, git_changestat
+from corral.executor.streamjson import (
+    ChangeStat,
+    EnvelopeWriter,
+    extract_summary,
+    parse_changestat,
+    read_events,
+    summarize,
+)
+
+
+def test_writer_round_trips_through_reader(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    with EnvelopeWriter(path) as w:
+        w.init(session_id="s1", model="m", cwd="/x")
+        w.text_delta("Hel")
+        w.text_delta("lo")
+        w.assistant(message_id="msg1", model="m", content=[{"type": "text", "text": "Hello"}])
+        w.result(is_error=False, result="Hello", session_id="s1", duration_ms=5,
+                 usage={"input_tokens": 3, "output_tokens": 2}, total_cost_usd=0.0)
+    events = read_events(path)
+    assert [e["type"] for e in events] == [
+        "system", "stream_event", "stream_event", "assistant", "result"]
+    s = summarize(events)
+    assert (s.session_id, s.tokens_in, s.tokens_out, s.cost_usd, s.is_error) == (
+        "s1", 3, 2, 0.0, False)
+    assert extract_summary(events) == "Hello"
+
+
+def test_reader_tolerates_truncation_unknown_events_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    lines = [
+        json.dumps({"type": "system", "subtype": "init", "session_id": "s"}),
+        "",
+        json.dumps({"type": "brand_new_event", "x": 1}),
+        json.dumps({"type": "assistant", "message": {"content": [
+            {"type": "text", "text": "  the last words\n of the agent  "}]}}),
+        '{"type":"result","subtype":"succ',  # the daemon died mid-line
+    ]
+    path.write_text("\n".join(lines))
+    events = read_events(path)
+    assert len(events) == 3
+    s = summarize(events)
+    assert not s.has_result
+    assert extract_summary(events) == "the last words of the agent"
+
+
+def test_summary_prefers_result_and_trims() -> None:
+    events = [
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": "draft"}]}},
+        {"type": "result", "result": "x" * 1000, "total_cost_usd": 0.5, "usage": {}},
+    ]
+    summary = extract_summary(events, limit=50)
+    assert summary is not None and len(summary) == 50 and summary.endswith("…")
+
+
+def test_cost_falls_back_to_old_field_name() -> None:
+    assert summarize([{"type": "result", "cost_usd": 0.25}]).cost_usd == 0.25
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" 3 files changed, 10 insertions(+), 2 deletions(-)", ChangeStat(3, 10, 2)),
+    (" 1 file changed, 1 insertion(+), 1 deletion(-)", ChangeStat(1, 1, 1)),
+    (" 2 files changed, 5 insertions(+)", ChangeStat(2, 5, 0)),
+    (" 1 file changed, 4 deletions(-)", ChangeStat(1, 0, 4)),
+    (" 1 file changed, 0 insertions(+), 0 deletions(-)", ChangeStat(1, 0, 0)),
+    ("first 1 file changed, 1 insertion(+)\nthen 4 files changed, 8 deletions(-)",
+     ChangeStat(4, 0, 8)),
+    ("nothing changed here", None),
+])
+def test_parse_changestat(text: str, expected: ChangeStat | None) -> None:
+    assert parse_changestat(text) == expected
+
+
+def _git(repo: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+
+
+async def test_git_measures_added_changed_and_deleted(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "keep.txt").write_text("one\ntwo\nthree\n")
+    (repo / "gone.txt").write_text("a\nb\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "start")
+    base = await git_base(repo)
+    assert base is not None
+    (repo / "keep.txt").write_text("one\nTWO\nthree\nfour\n")  # 2 insertions, 1 deletion
+    (repo / "gone.txt").unlink()  # 2 deletions
+    (repo / "new.txt").write_text("x\ny\nz\n")  # untracked: 3 insertions
+    stat = await git_changestat(repo, base)
+    assert stat == ChangeStat(files_changed=3, insertions=5, deletions=3)
+    index = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout
+    assert "?? new.txt" in index  # the user's index was not touched
+
+
+async def test_git_base_outside_a_repo(tmp_path: Path) -> None:
+    assert await git_base(tmp_path) is None
+    assert await git_base(None) is None
