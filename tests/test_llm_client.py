@@ -97,9 +97,19 @@ async def test_http_date_retry_after_is_honoured(fake_openai: MakeFake) -> None:
     when = email.utils.formatdate(time.time() + 20, usegmt=True)
     fake.push(Status(429, retry_after=when), Reply(text="ok"))
     sleeps = Sleeps()
-    async with Client(fake.endpoint, "m", sleep=sleeps) as client:
+    async with Client(fake.endpoint, "m", sleep=sleeps, max_retry_wait_s=60) as client:
         assert (await client.chat_stream(HELLO, lambda _t: None)).content == "ok"
     assert len(sleeps.delays) == 1 and 17 <= sleeps.delays[0] <= 20
+
+
+async def test_long_retry_after_is_left_to_the_caller(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Status(429, retry_after="300"), Reply(text="never reached"))
+    async with Client(fake.endpoint, "m", sleep=Sleeps()) as client:
+        with pytest.raises(RateLimitError) as caught:
+            await client.chat(HELLO)
+    assert caught.value.retry_after_s == 300.0
+    assert len(fake.requests) == 1
 
 
 async def test_503_then_success_and_529_then_success(fake_openai: MakeFake) -> None:

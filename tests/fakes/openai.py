@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -33,7 +34,18 @@ class FakeOpenAI(FakeServer):
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "fake-model", "object": "model"}]})
 
+    in_flight: int = 0
+    max_in_flight: int = 0
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append({"headers": dict(request.headers), "body": body})
         behaviour = self.next_behaviour()
@@ -49,7 +61,8 @@ class FakeOpenAI(FakeServer):
             return web.json_response(self._completion(body, reply))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await self._stream(request, response, body, behaviour, reply)
+        with contextlib.suppress(ConnectionResetError):  # the client went away: fine
+            await self._stream(request, response, body, behaviour, reply)
         return response
 
     def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:

@@ -191,7 +191,7 @@ class Pool:
     async def cancel(self, task_id: int) -> Task:
         if await self.store.cancel_queued(task_id):
             self._finalised(task_id)
-            return await self.store.get_task(task_id)
+            return await self.store.get_task(task_id, with_executions=True)
         job = self._jobs.get(task_id)
         if job is None:
             task = await self.store.get_task(task_id)
@@ -200,10 +200,11 @@ class Pool:
         if job.worker is not None:
             job.worker.cancel()
         await job.done.wait()
-        return await self.store.get_task(task_id)
+        return await self.store.get_task(task_id, with_executions=True)
 
     async def retry(self, task_id: int) -> Task:
         task = await self.store.requeue(task_id)
+        task.executions = await self.store.executions_for(task_id)
         if task.agent is None:
             self._classify_later(task)
         self.wake()

@@ -69,6 +69,7 @@ class Client:
         connect_timeout_s: float = 10.0,
         idle_timeout_s: float = 120.0,
         max_attempts: int = 3,
+        max_retry_wait_s: float = 10.0,
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -82,6 +83,9 @@ class Client:
         self._session = session
         self._owns_session = session is None
         self._max_attempts = max_attempts
+        # A longer Retry-After is not waited out here: the pool cools the agent down instead
+        # of holding a worker slot.
+        self._max_retry_wait_s = max_retry_wait_s
         self._sleep = sleep
         self._rand = rand
 
@@ -168,6 +172,7 @@ class Client:
             attempts=self._max_attempts,
             should_retry=lambda exc: isinstance(exc, LLMError) and exc.retryable,
             retry_after=lambda exc: exc.retry_after_s if isinstance(exc, LLMError) else None,
+            max_wait_s=self._max_retry_wait_s,
             sleep=self._sleep,
             rand=self._rand,
         )

@@ -7,8 +7,10 @@ same task. The connection runs in autocommit mode; multi-statement changes use e
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -78,6 +80,9 @@ class Store:
         self._clock = clock
         self._migrate_upto = migrate_upto
         self._conn: aiosqlite.Connection | None = None
+        # One connection is shared by every coroutine: writes take turns so a transaction
+        # never interleaves with another coroutine's statements.
+        self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -119,6 +124,27 @@ class Store:
         async with self.conn.execute(sql, tuple(params)) as cur:
             return await cur.fetchone()
 
+    async def _write_one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        async with self._write_lock:
+            return await self._one(sql, params)
+
+    async def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        async with self._write_lock:
+            cur = await self.conn.execute(sql, tuple(params))
+            return int(cur.rowcount)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            conn = self.conn
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         async with self.conn.execute(sql, tuple(params)) as cur:
             return list(await cur.fetchall())
@@ -141,7 +167,7 @@ class Store:
         timeout_s: float | None = None,
     ) -> Task:
         now = self._clock()
-        row = await self._one(
+        row = await self._write_one(
             "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
             " classifier_reason, workdir, priority, max_retries, timeout_s, state, created_at,"
             f" updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?) RETURNING {_TASK_COLS}",
@@ -183,7 +209,7 @@ class Store:
             return None
         now = self._clock()
         marks = ",".join("?" * len(agents)) or "NULL"
-        row = await self._one(
+        row = await self._write_one(
             "UPDATE tasks SET state = 'running', attempts = attempts + 1, updated_at = ?"
             " WHERE id = (SELECT id FROM tasks WHERE state = 'queued' AND run_after <= ?"
             " AND agent IS NOT NULL"
@@ -210,42 +236,40 @@ class Store:
     async def set_classification(
         self, task_id: int, *, agent: str, model: str | None, reason: str
     ) -> None:
-        await self.conn.execute(
+        await self._write(
             "UPDATE tasks SET agent = ?, model = ?, classifier_reason = ?, updated_at = ?"
             " WHERE id = ?",
             (agent, model, reason, self._clock(), task_id),
         )
 
     async def update_task(self, task_id: int, **fields: Any) -> None:
-        await self._update_task(task_id, fields)
+        await self._write(*self._task_update(task_id, fields))
 
-    async def _update_task(self, task_id: int, fields: dict[str, Any]) -> None:
+    def _task_update(self, task_id: int, fields: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
         unknown = set(fields) - TASK_UPDATE_FIELDS
         if unknown:
             raise ValueError(f"cannot update task fields {sorted(unknown)}")
         fields = {k: (str(v) if isinstance(v, TaskState) else v) for k, v in fields.items()}
         sets = ", ".join(f"{k} = ?" for k in fields)
-        await self.conn.execute(
-            f"UPDATE tasks SET {sets}, updated_at = ? WHERE id = ?",
-            (*fields.values(), self._clock(), task_id),
-        )
+        return (f"UPDATE tasks SET {sets}, updated_at = ? WHERE id = ?",
+                (*fields.values(), self._clock(), task_id))
 
     async def cancel_queued(self, task_id: int) -> bool:
         """Cancel a task that no worker holds. False when it is running or already final."""
-        cur = await self.conn.execute(
+        changed = await self._write(
             "UPDATE tasks SET state = 'cancelled', error = 'cancelled while queued',"
             " updated_at = ? WHERE id = ? AND state = 'queued'",
             (self._clock(), task_id),
         )
-        return cur.rowcount == 1
+        return changed == 1
 
     async def requeue(self, task_id: int) -> Task:
         """Put a finished task back in the queue with a fresh attempt budget."""
         task = await self.get_task(task_id)
         if task.state in (TaskState.QUEUED, TaskState.RUNNING):
             raise Conflict(f"task {task_id} is {task.state}; only a finished task can be retried")
-        await self._update_task(
-            task_id, {"state": TaskState.QUEUED, "attempts": 0, "error": None, "run_after": 0.0}
+        await self.update_task(
+            task_id, state=TaskState.QUEUED, attempts=0, error=None, run_after=0.0
         )
         return await self.get_task(task_id)
 
@@ -254,22 +278,22 @@ class Store:
     async def start_execution(
         self, task_id: int, *, agent: str, model: str | None, executions_dir: Path
     ) -> Execution:
-        row = await self._one(
-            "INSERT INTO executions (task_id, agent, model, status, started_at)"
-            f" VALUES (?, ?, ?, 'running', ?) RETURNING {_EXEC_COLS}",
-            (task_id, agent, model, self._clock()),
-        )
-        execution = _execution(row)
-        execution.log_path = str(executions_dir / str(execution.id))
-        await self.conn.execute(
-            "UPDATE executions SET log_path = ? WHERE id = ?", (execution.log_path, execution.id)
-        )
+        async with self._transaction() as conn:
+            async with conn.execute(
+                "INSERT INTO executions (task_id, agent, model, status, started_at)"
+                f" VALUES (?, ?, ?, 'running', ?) RETURNING {_EXEC_COLS}",
+                (task_id, agent, model, self._clock()),
+            ) as cur:
+                execution = _execution(await cur.fetchone())  # type: ignore[arg-type]
+            execution.log_path = str(executions_dir / str(execution.id))
+            await conn.execute(
+                "UPDATE executions SET log_path = ? WHERE id = ?",
+                (execution.log_path, execution.id),
+            )
         return execution
 
     async def set_execution_pgid(self, execution_id: int, pgid: int | None) -> None:
-        await self.conn.execute(
-            "UPDATE executions SET pgid = ? WHERE id = ?", (pgid, execution_id)
-        )
+        await self._write("UPDATE executions SET pgid = ? WHERE id = ?", (pgid, execution_id))
 
     async def finish(
         self,
@@ -286,17 +310,11 @@ class Store:
         values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
         values.setdefault("finished_at", self._clock())
         sets = ", ".join(f"{k} = ?" for k in values)
-        conn = self.conn
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction() as conn:
             await conn.execute(
                 f"UPDATE executions SET {sets} WHERE id = ?", (*values.values(), execution_id)
             )
-            await self._update_task(task_id, task)
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+            await conn.execute(*self._task_update(task_id, task))
 
     async def get_execution(self, execution_id: int) -> Execution:
         row = await self._one(f"SELECT {_EXEC_COLS} FROM executions WHERE id = ?", (execution_id,))
@@ -321,9 +339,7 @@ class Store:
         )
         interrupted = [_execution(r) for r in rows]
         now = self._clock()
-        conn = self.conn
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction() as conn:
             await conn.execute(
                 "UPDATE executions SET status = 'interrupted', finished_at = ?,"
                 " error = 'daemon stopped while this execution was running'"
@@ -340,10 +356,6 @@ class Store:
                 "UPDATE tasks SET state = 'queued', updated_at = ? WHERE state = 'running'",
                 (now,),
             )
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
         return interrupted
 
     # -- stats ---------------------------------------------------------------------------------

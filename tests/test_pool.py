@@ -1,0 +1,271 @@
+"""The pool inside a whole daemon: real SQLite, real runners, real CLIs through fake APIs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import (
+    ClaudeSettings,
+    GeminiSettings,
+    LocalModelSettings,
+    MaxConcurrent,
+    PoolSettings,
+    Settings,
+)
+from corral.daemon import running_daemon
+from corral.executor.pool import Pool
+from tests import peers
+from tests.conftest import ApiClient, until
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.base import Hang, Reply, Status
+from tests.fakes.gemini import FakeGemini
+from tests.fakes.openai import FakeOpenAI
+
+MakeFake = Callable[[], Awaitable[FakeOpenAI]]
+MakeSettings = Callable[..., Settings]
+Daemon = tuple[Pool, ApiClient]
+
+
+@pytest.fixture
+async def daemon(
+    api_client: Callable[[Path], ApiClient],
+) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(settings: Settings, env: dict[str, str] | None = None) -> Daemon:
+            pool = await stack.enter_async_context(running_daemon(settings, env or {}))
+            return pool, api_client(settings.daemon.socket_path)
+
+        yield start
+
+
+def pool_settings(**limits: int) -> PoolSettings:
+    return PoolSettings(max_workers=limits.pop("workers", 8),
+                        max_concurrent=MaxConcurrent(**limits),
+                        retry_base_seconds=0.05, retry_max_seconds=0.2,
+                        cooldown_default_seconds=1.0, kill_grace_seconds=1.0)
+
+
+def local(fake: FakeOpenAI) -> LocalModelSettings:
+    return LocalModelSettings(endpoint=fake.endpoint, model="fake-model")
+
+
+def classifier_answer(agent: str) -> Reply:
+    return Reply(text=json.dumps({"agent_type": agent, "model": "", "reason": f"pick {agent}"}))
+
+
+async def running_count(api: ApiClient) -> int:
+    _, data = await api.call("GET", "/tasks", params={"state": "running"})
+    return len(data["tasks"])
+
+
+async def test_per_agent_limit_holds(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text="slow " * 10, chunks=10, chunk_delay_s=0.03)
+    _, api = await daemon(make_settings(pool=pool_settings(local=2), local_model=local(fake)))
+    tasks = [await api.submit(prompt=f"t{i}", agent="local") for i in range(6)]
+    seen_running = 0
+    for task in tasks:
+        seen_running = max(seen_running, await running_count(api))
+        done = await api.wait(task["id"])
+        assert done["state"] == "succeeded"
+    assert fake.max_in_flight == 2
+    assert seen_running <= 2
+
+
+async def test_retries_then_success(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.push(Status(500), Status(502), Reply(text="third time lucky"))
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    task = await api.submit(prompt="flaky", agent="local", max_retries=2)
+    done = await api.wait(task["id"])
+    assert done["state"] == "succeeded"
+    assert [e["status"] for e in done["executions"]] == ["failed", "failed", "succeeded"]
+    assert done["attempts"] == 3
+    assert done["executions"][-1]["summary"] == "third time lucky"
+
+
+async def test_out_of_retries_fails_with_error(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.default = Status(500)
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    done = await api.wait((await api.submit(prompt="x", agent="local", max_retries=1))["id"])
+    assert done["state"] == "failed" and "HTTP 500" in done["error"]
+    assert len(done["executions"]) == 2
+
+
+async def test_timeout_ends_failed_with_timed_out_execution(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.default = Hang()
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    done = await api.wait((await api.submit(prompt="x", agent="local", timeout_s=0.5))["id"])
+    assert done["state"] == "failed" and "timed out" in done["error"]
+    assert done["executions"][0]["status"] == "timed_out"
+
+
+async def test_cancel_running_and_queued(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text="tick " * 400, chunks=400, chunk_delay_s=0.02)
+    _, api = await daemon(make_settings(pool=pool_settings(local=1), local_model=local(fake)))
+    running = await api.submit(prompt="long", agent="local")
+    queued = await api.submit(prompt="waiting", agent="local")
+
+    async def streaming() -> bool:
+        status, log = await api.call("GET", f"/tasks/{running['id']}/log")
+        return status == 200 and b"tick" in log
+
+    await until(streaming)
+    status, cancelled = await api.call("POST", f"/tasks/{queued['id']}/cancel")
+    assert status == 200 and cancelled["state"] == "cancelled" and not cancelled["executions"]
+    status, cancelled = await api.call("POST", f"/tasks/{running['id']}/cancel")
+    assert status == 200 and cancelled["state"] == "cancelled"
+    assert cancelled["executions"][0]["status"] == "cancelled"
+    status, body = await api.call("GET", f"/tasks/{running['id']}/log")
+    assert status == 200 and b"tick" in body  # the partial log is kept
+    status, err = await api.call("POST", f"/tasks/{running['id']}/cancel")
+    assert status == 409 and err["error"]["code"] == "conflict"
+
+
+async def test_unregistered_agent_goes_to_classifier(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.push(classifier_answer("local"))
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    done = await api.wait((await api.submit(prompt="x", agent="claude"))["id"])
+    assert done["state"] == "succeeded" and done["agent"] == "local"
+    assert done["classifier_reason"].startswith("claude is not registered")
+
+
+async def test_classifier_garbage_falls_back_to_default(
+    make_settings: MakeSettings, fake_openai: MakeFake, fake_gemini: FakeGemini,
+    gemini_env: dict[str, str], daemon: Any,
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="no json at all"))
+    settings = make_settings(
+        pool=pool_settings(), local_model=local(fake),
+        gemini=GeminiSettings(binary=str(peers.gemini_bin())),
+    )
+    _, api = await daemon(settings, gemini_env)
+    done = await api.wait((await api.submit(prompt="x", agent="auto"))["id"])
+    assert "not JSON" in done["classifier_reason"]
+    assert done["state"] == "succeeded"
+
+
+async def test_no_deadlock_when_every_slot_is_busy(
+    make_settings: MakeSettings, fake_openai: MakeFake, fake_gemini: FakeGemini,
+    gemini_env: dict[str, str], daemon: Any,
+) -> None:
+    fake = await fake_openai()
+    slow = Reply(text="busy " * 200, chunks=200, chunk_delay_s=0.02)
+    fake.push(slow, slow, classifier_answer("gemini"))
+    settings = make_settings(
+        pool=pool_settings(workers=2, local=2), local_model=local(fake),
+        gemini=GeminiSettings(binary=str(peers.gemini_bin())),
+    )
+    _, api = await daemon(settings, gemini_env)
+    busy = [await api.submit(prompt=f"busy {i}", agent="local") for i in range(2)]
+
+    async def all_busy() -> bool:
+        return fake.in_flight == 2
+
+    await until(all_busy)
+    auto = await api.submit(prompt="route me", agent="auto")
+
+    async def classified() -> bool:
+        _, task = await api.call("GET", f"/tasks/{auto['id']}")
+        return task["classifier_reason"] is not None
+
+    await until(classified)
+    _, task = await api.call("GET", f"/tasks/{auto['id']}")
+    assert task["classifier_reason"] == "local model: pick gemini"
+    assert fake.in_flight == 2  # classified while both slots were still held
+    for t in [*busy, auto]:
+        assert (await api.wait(t["id"]))["state"] == "succeeded"
+
+
+@pytest.mark.real
+async def test_rate_limited_agent_cools_down_while_others_flow(
+    make_settings: MakeSettings, fake_openai: MakeFake, fake_anthropic: FakeAnthropic,
+    claude_env: dict[str, str], daemon: Any,
+) -> None:
+    fake = await fake_openai()
+    fake_anthropic.push(*[Status(429, retry_after="1")] * 2)
+    settings = make_settings(
+        pool=pool_settings(), local_model=local(fake),
+        claude=ClaudeSettings(binary=str(peers.claude_bin()), max_rate_limit_retries=1),
+    )
+    _, api = await daemon(settings, claude_env)
+    limited = await api.submit(prompt="claude work", agent="claude")
+
+    async def cooling() -> bool:
+        _, data = await api.call("GET", "/agents")
+        return any(a["name"] == "claude" and a["state"] == "cooling_down" for a in data["agents"])
+
+    await until(cooling, timeout_s=60)
+    locals_ = [await api.submit(prompt=f"l{i}", agent="local") for i in range(3)]
+    for task in locals_:
+        assert (await api.wait(task["id"]))["state"] == "succeeded"
+    done = await api.wait(limited["id"], timeout_s=90)
+    assert done["state"] == "succeeded", done
+    statuses = [e["status"] for e in done["executions"]]
+    assert statuses[0] == "rate_limited" and statuses[-1] == "succeeded"
+    assert done["attempts"] == 1  # the rate limit did not spend an attempt
+    assert done["executions"][-1]["cost_usd"] > 0
+
+
+@pytest.mark.real
+async def test_auto_task_fails_over_while_an_agent_cools_down(
+    make_settings: MakeSettings, fake_openai: MakeFake, fake_gemini: FakeGemini,
+    gemini_env: dict[str, str], daemon: Any,
+) -> None:
+    fake = await fake_openai()
+    fake.push(classifier_answer("local"), Status(429, retry_after="60"))
+    settings = make_settings(
+        pool=pool_settings(), local_model=local(fake),
+        gemini=GeminiSettings(binary=str(peers.gemini_bin())),
+    )
+    _, api = await daemon(settings, gemini_env)
+    done = await api.wait((await api.submit(prompt="anything", agent="auto"))["id"], 90)
+    assert done["state"] == "succeeded"
+    assert [(e["agent"], e["status"]) for e in done["executions"]] == [
+        ("local", "rate_limited"), ("gemini", "succeeded")]
+    _, data = await api.call("GET", "/agents")
+    local_state = next(a for a in data["agents"] if a["name"] == "local")
+    assert local_state["state"] == "cooling_down" and local_state["cooldown_remaining_s"] > 30
+
+
+@pytest.mark.real
+async def test_local_task_on_real_smollm2_records_tokens(
+    make_settings: MakeSettings, llama_server: str, daemon: Any, tmp_path: Path
+) -> None:
+    settings = make_settings(pool=pool_settings(), local_model=LocalModelSettings(
+        endpoint=llama_server, model="smollm2", max_tokens=24))
+    _, api = await daemon(settings)
+    done = await api.wait((await api.submit(prompt="Say hi.", agent="auto"))["id"], 120)
+    assert done["state"] == "succeeded", done
+    execution = done["executions"][0]
+    assert execution["tokens_in"] > 0 and 0 < execution["tokens_out"] <= 24
+    assert execution["cost_usd"] == 0
+    import aiosqlite
+
+    async with aiosqlite.connect(tmp_path / "data" / "corral.db") as conn:
+        async with conn.execute("SELECT tokens_in, tokens_out FROM executions") as cur:
+            assert await cur.fetchone() == (execution["tokens_in"], execution["tokens_out"])
