@@ -55,7 +55,7 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> Non
 
 def test_unknown_environment_key_rejected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CORRAL_POOL__BOGUS", "1")
-    with pytest.raises(ConfigError, match="pool.bogus: unknown key"):
+    with pytest.raises(ConfigError, match=r"pool\.bogus: unknown key"):
         load_settings(write(tmp_path, ""))
 
 

@@ -266,6 +266,8 @@ async def test_local_task_on_real_smollm2_records_tokens(
     assert execution["cost_usd"] == 0
     import aiosqlite
 
-    async with aiosqlite.connect(tmp_path / "data" / "corral.db") as conn:
-        async with conn.execute("SELECT tokens_in, tokens_out FROM executions") as cur:
-            assert await cur.fetchone() == (execution["tokens_in"], execution["tokens_out"])
+    db = tmp_path / "data" / "corral.db"
+    async with aiosqlite.connect(db) as conn, conn.execute(
+        "SELECT tokens_in, tokens_out FROM executions"
+    ) as cur:
+        assert await cur.fetchone() == (execution["tokens_in"], execution["tokens_out"])

@@ -220,7 +220,8 @@ async def test_claude_missing_binary_is_a_clear_failure(tmp_path: Path) -> None:
                           timeout_s=5, env={"PATH": "/nonexistent"})
     result = await runner.run(request(tmp_path))
     assert result.status == RunStatus.FAILED
-    assert result.error and "not found on PATH" in result.error and "[claude] binary" in result.error
+    assert result.error and "not found on PATH" in result.error
+    assert "[claude] binary" in result.error
     assert runner.unavailable_reason() is not None
 
 

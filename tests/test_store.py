@@ -37,9 +37,8 @@ async def test_upgrade_from_0001_keeps_every_row(tmp_path: Path) -> None:
         executions = [e for t in tasks for e in await new.executions_for(t.id)]
         assert sorted(e.cost_usd or 0 for e in executions) == [0, 0.25, 0.5, 0.75, 1.0]
         assert all(e.tokens_in is None and e.tokens_out is None for e in executions)
-    async with aiosqlite.connect(path) as conn:
-        async with conn.execute("PRAGMA integrity_check") as cur:
-            assert (await cur.fetchone()) == ("ok",)
+    async with aiosqlite.connect(path) as conn, conn.execute("PRAGMA integrity_check") as cur:
+        assert (await cur.fetchone()) == ("ok",)
 
 
 async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:

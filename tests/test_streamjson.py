@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,7 +59,7 @@ def test_reader_tolerates_truncation_unknown_events_and_blank_lines(tmp_path: Pa
 
 
 def test_summary_prefers_result_and_trims() -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "assistant", "message": {"content": [{"type": "text", "text": "draft"}]}},
         {"type": "result", "result": "x" * 1000, "total_cost_usd": 0.5, "usage": {}},
     ]
@@ -104,8 +106,9 @@ async def test_git_measures_added_changed_and_deleted(tmp_path: Path) -> None:
     (repo / "new.txt").write_text("x\ny\nz\n")  # untracked: 3 insertions
     stat = await git_changestat(repo, base)
     assert stat == ChangeStat(files_changed=3, insertions=5, deletions=3)
-    index = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                           text=True, check=True).stdout
+    status = await asyncio.create_subprocess_exec(
+        "git", "status", "--porcelain", cwd=repo, stdout=asyncio.subprocess.PIPE)
+    index = (await status.communicate())[0].decode()
     assert "?? new.txt" in index  # the user's index was not touched
 
 

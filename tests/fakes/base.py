@@ -92,9 +92,7 @@ class FakeServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
         self.url = f"http://{'localhost' if host == '127.0.0.1' else host}:{port}"
         self.port = port
         return self

@@ -111,8 +111,9 @@ class FakeOpenAI(FakeServer):
                 await asyncio.sleep(reply.chunk_delay_s)
             await response.write(self._chunk(model, {"content": piece}))
         await response.write(self._chunk(model, {}, "stop"))
-        usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
-                 "choices": [], "usage": {"prompt_tokens": reply.input_tokens,
-                                          "completion_tokens": reply.output_tokens}}
+        usage: dict[str, Any] = {
+            "id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+            "choices": [], "usage": {"prompt_tokens": reply.input_tokens,
+                                     "completion_tokens": reply.output_tokens}}
         await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
