@@ -1,0 +1,250 @@
+"""The real daemon as a process, driven through the real `corral` CLI and its raw socket."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ApiClient, until
+from tests.fakes.base import Reply
+from tests.fakes.openai import FakeOpenAI
+
+MakeFake = Callable[[], Awaitable[FakeOpenAI]]
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, socket_path: Path) -> None:
+        self.config = config
+        self.socket_path = socket_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr = b""
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "corral.cli", "serve", "--config", str(self.config),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                raise AssertionError(f"daemon exited: {await self._stderr()}")
+            code, _, _ = await cli("agents", "--json", socket=self.socket_path)
+            return code == 0
+
+        await until(ready, timeout_s=30, every_s=0.1)
+
+    async def _stderr(self) -> str:
+        assert self.proc is not None and self.proc.stderr is not None
+        self.stderr += await self.proc.stderr.read()
+        return self.stderr.decode()
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(self._stderr(), 30)
+        return await asyncio.wait_for(self.proc.wait(), 30)
+
+
+async def cli(*args: str, socket: Path | None = None,
+              stdin: bytes | None = None) -> tuple[int, str, str]:
+    env = {**os.environ}
+    if socket is not None:
+        env["CORRAL_SOCKET"] = str(socket)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", *args, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def daemon_config(tmp_path: Path, fake_openai: MakeFake) -> tuple[Path, Path, FakeOpenAI]:
+    fake = await fake_openai()
+    fake.default = Reply(text="Bonjour!", input_tokens=5, output_tokens=3)
+    sock = Path("/tmp") / f"corral-d{os.getpid()}-{time.monotonic_ns()}" / "corral.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nsocket_path = "{sock}"\ndata_dir = "{tmp_path / "data"}"\n'
+        'shutdown_grace_seconds = 2.0\n'
+        f'[local_model]\nendpoint = "{fake.endpoint}"\nmodel = "fake-model"\n'
+        '[claude]\nenabled = false\n[gemini]\nenabled = false\n'
+    )
+    return config, sock, fake
+
+
+@pytest.fixture
+async def daemon_proc(
+    daemon_config: tuple[Path, Path, FakeOpenAI],
+) -> AsyncIterator[DaemonProcess]:
+    config, sock, _ = daemon_config
+    daemon = DaemonProcess(config, sock)
+    await daemon.start()
+    yield daemon
+    await daemon.stop()
+
+
+async def test_submit_ls_show_survive_restart(daemon_proc: DaemonProcess) -> None:
+    sock = daemon_proc.socket_path
+    code, out, err = await cli("submit", "hello", "--agent", "local", "--json", socket=sock)
+    assert code == 0, err
+    task = json.loads(out)
+    assert task["state"] == "queued" and task["id"] >= 1
+    code, out, _ = await cli("submit", "again", "--agent", "local", "--wait", "--json",
+                             socket=sock)
+    assert code == 0
+    waited = json.loads(out)
+    assert waited["state"] == "succeeded"
+    execution = waited["executions"][0]
+    for key in ("status", "cost_usd", "tokens_in", "tokens_out", "summary", "files_changed",
+                "insertions", "deletions", "error"):
+        assert key in execution
+    assert (execution["summary"], execution["tokens_in"], execution["tokens_out"]) == (
+        "Bonjour!", 5, 3)
+    code, out, _ = await cli("ls", "--json", socket=sock)
+    assert task["id"] in [t["id"] for t in json.loads(out)]
+    code, out, _ = await cli("ls", socket=sock)
+    assert "hello" in out and "succeeded" in out
+    code, out, _ = await cli("show", str(task["id"]), "--json", socket=sock)
+    shown = json.loads(out)
+    assert shown["prompt"] == "hello" and isinstance(shown["executions"], list)
+    code, out, _ = await cli("logs", str(waited["id"]), socket=sock)
+    assert code == 0 and "Bonjour!" in out and "done" in out
+    code, out, _ = await cli("logs", str(waited["id"]), "--raw", socket=sock)
+    assert json.loads(out.splitlines()[-1])["type"] == "result"
+
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert await daemon_proc.stop() == 0
+    assert not sock.exists()
+    await daemon_proc.start()
+    code, out, _ = await cli("show", str(task["id"]), "--json", socket=sock)
+    assert code == 0 and json.loads(out)["prompt"] == "hello"
+
+
+async def test_prompt_from_stdin_and_client_errors(daemon_proc: DaemonProcess) -> None:
+    sock = daemon_proc.socket_path
+    code, out, _ = await cli("submit", "-", "--agent", "local", "--json", socket=sock,
+                             stdin=b"prompt from stdin")
+    assert code == 0 and json.loads(out)["prompt"] == "prompt from stdin"
+    code, _, err = await cli("submit", "x", "--agent", "robot", socket=sock)
+    assert code == 1 and "unknown agent 'robot'" in err and "claude, gemini, local" in err
+    code, _, err = await cli("show", "999999", socket=sock)
+    assert code == 1 and "does not exist" in err
+    code, _, err = await cli("submit", "x", "--dir", "/nonexistent/dir", socket=sock)
+    assert code == 1 and "does not exist" in err
+    code, _, err = await cli("submit", socket=sock)
+    assert code == 2
+
+
+async def test_daemon_not_running_exit_3(tmp_path: Path) -> None:
+    code, _, err = await cli("ls", socket=tmp_path / "nothing.sock")
+    assert code == 3 and "corral serve" in err
+
+
+async def test_second_daemon_refused_and_stale_socket_replaced(
+    daemon_proc: DaemonProcess,
+) -> None:
+    second = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "serve", "--config", str(daemon_proc.config),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(second.communicate(), 30)
+    assert second.returncode == 2
+    assert "another corral daemon is already serving" in err.decode()
+    # A daemon killed outright leaves its socket behind; the next one replaces it.
+    assert daemon_proc.proc is not None
+    daemon_proc.proc.kill()
+    await daemon_proc.proc.wait()
+    assert daemon_proc.socket_path.exists()
+    await daemon_proc.start()
+
+
+RawCall = Callable[..., Awaitable[tuple[int, Any]]]
+
+
+@pytest.fixture
+async def raw(
+    daemon_proc: DaemonProcess, api_client: Callable[[Path], ApiClient]
+) -> RawCall:
+    return api_client(daemon_proc.socket_path).call
+
+
+@pytest.mark.parametrize("body, status, code, needle", [
+    (b"{not json", 400, "malformed_json", "not valid JSON"),
+    (b"\xff\xfe", 400, "malformed_json", "UTF-8"),
+    (b"[1, 2]", 400, "bad_request", "JSON object"),
+    (b'{"agent": "local"}', 400, "missing_prompt", "prompt is required"),
+    (b'{"prompt": ""}', 400, "invalid_task", "prompt"),
+    (b'{"prompt": "a\\u0000b"}', 400, "invalid_task", "NUL"),
+    (b'{"prompt": 5}', 400, "invalid_task", "prompt"),
+    (b'{"prompt": "x", "priority": "high"}', 400, "invalid_task", "priority"),
+    (b'{"prompt": "x", "timeout_s": -1}', 400, "invalid_task", "timeout_s"),
+    (b'{"prompt": "x", "max_retries": 1000000}', 400, "invalid_task", "max_retries"),
+    (b'{"prompt": "x", "agent": "robot"}', 400, "unknown_agent", "known agents"),
+    (b'{"prompt": "x", "colour": "red"}', 400, "invalid_task", "unknown field"),
+    (b'{"prompt": "x", "workdir": "relative/path"}', 400, "invalid_task", "absolute"),
+    (b'{"prompt": "x", "workdir": "/etc/hostname"}', 400, "invalid_task", "not a directory"),
+])
+async def test_bad_requests_get_clear_4xx(
+    raw: RawCall, body: bytes, status: int, code: str, needle: str
+) -> None:
+    got, answer = await raw("POST", "/tasks", data=body,
+                            headers={"Content-Type": "application/json"})
+    assert got == status, answer
+    assert answer["error"]["code"] == code
+    assert needle in answer["error"]["message"]
+
+
+async def test_body_over_limit_is_413_and_daemon_keeps_serving(raw: RawCall) -> None:
+    big = json.dumps({"prompt": "x" * (9 * 1024 * 1024)}).encode()
+    status, answer = await raw("POST", "/tasks", data=io.BytesIO(big),
+                               headers={"Content-Type": "application/json"})
+    assert status == 413 and answer["error"]["code"] == "payload_too_large"
+    ok = json.dumps({"prompt": "y" * (5 * 1024 * 1024), "agent": "local"}).encode()
+    status, task = await raw("POST", "/tasks", data=io.BytesIO(ok),
+                             headers={"Content-Type": "application/json"})
+    assert status == 201 and len(task["prompt"]) == 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/tasks/999999", 404),
+    ("GET", "/tasks/../../etc/passwd/log", 404),
+    ("GET", "/tasks/..%2F..%2Fetc%2Fpasswd/log", 404),
+    ("GET", "/tasks/abc", 404),
+    ("POST", "/tasks/999999/cancel", 404),
+    ("POST", "/tasks/999999/retry", 404),
+    ("GET", "/tasks?state=weird", 400),
+    ("GET", "/tasks?limit=-1", 400),
+    ("GET", "/nowhere", 404),
+    ("DELETE", "/tasks", 405),
+])
+async def test_bad_paths(raw: RawCall, method: str, path: str, status: int) -> None:
+    got, answer = await raw(method, path)
+    assert got == status
+    assert set(answer["error"]) == {"code", "message"}
+
+
+async def test_health_agents_stats_openapi(raw: RawCall) -> None:
+    status, health = await raw("GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    _, agents = await raw("GET", "/agents")
+    by_name = {a["name"]: a for a in agents["agents"]}
+    assert by_name["local"]["registered"] and not by_name["claude"]["registered"]
+    _, stats = await raw("GET", "/stats")
+    assert "queued" in stats["tasks"]
+    _, spec = await raw("GET", "/openapi.json")
+    assert "/tasks" in spec["paths"]
