@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -97,6 +98,8 @@ class Pool:
         self._dispatcher: asyncio.Task[None] | None = None
         self._accepting = False
         self._shutdown: asyncio.Task[None] | None = None
+        # When delayed retries become ready: kept here so dispatching needs no query for it.
+        self._ready_times: list[float] = []
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -114,6 +117,9 @@ class Pool:
         self._accepting = True
         for task in await self.store.unclassified():
             self._classify_later(task)
+        ready_at = await self.store.next_ready_at()
+        if ready_at is not None:
+            heapq.heappush(self._ready_times, ready_at)
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="corral-dispatcher")
 
     async def shutdown(self, grace_s: float | None = None) -> None:
@@ -315,7 +321,7 @@ class Pool:
             self._jobs[task.id] = job
             slot.running += 1
             job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
-        return await self._next_wake_delay()
+        return self._next_wake_delay()
 
     def _place(self, task: Task, free: list[AgentSlot], now: float) -> AgentSlot:
         if task.pinned:
@@ -328,12 +334,13 @@ class Pool:
                 return slot
         return tied[0]
 
-    async def _next_wake_delay(self) -> float:
+    def _next_wake_delay(self) -> float:
         now = self.clock()
         moments = [a.cooldown_until for a in self.agents.values() if a.cooldown_until > now]
-        ready_at = await self.store.next_ready_at()
-        if ready_at is not None:
-            moments.append(ready_at)
+        while self._ready_times and self._ready_times[0] <= now:
+            heapq.heappop(self._ready_times)
+        if self._ready_times:
+            moments.append(self._ready_times[0])
         if not moments:
             return _MAX_IDLE_WAIT_S
         return max(min(moments) - now, 0.01)
@@ -400,6 +407,7 @@ class Pool:
                                   cap_s=self.settings.retry_max_seconds)
             task_fields = {"state": TaskState.QUEUED, "run_after": now + delay,
                            "error": result.error}
+            heapq.heappush(self._ready_times, now + delay)
         else:
             task_fields = {"state": TaskState.FAILED, "error": result.error}
         if result.status != RunStatus.SUCCEEDED:
