@@ -6,7 +6,7 @@ Kept free of heavy imports: the CLI reads these names without loading the daemon
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -68,7 +68,8 @@ class Task:
     executions: list[Execution] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Field by field rather than dataclasses.asdict: this runs for every API answer.
+        data = {name: getattr(self, name) for name in _TASK_FIELDS}
         data["state"] = str(self.state)
         data["executions"] = [e.to_dict() for e in self.executions]
         return data
@@ -103,7 +104,11 @@ class Execution:
         return int((self.finished_at - self.started_at) * 1000)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in _EXECUTION_FIELDS}
         data["status"] = str(self.status)
         data["duration_ms"] = self.duration_ms
         return data
+
+
+_TASK_FIELDS = tuple(f.name for f in fields(Task) if f.name != "executions")
+_EXECUTION_FIELDS = tuple(f.name for f in fields(Execution))

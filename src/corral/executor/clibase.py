@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from corral.executor.changes import git_base, git_changestat
 from corral.executor.proc import LineHandler, ProcOutcome, resolve_binary, run_agent_process
-from corral.executor.runner import RunRequest, RunResult, RunStatus
+from corral.executor.runner import RunRequest, RunResult, RunStatus, open_logs
 from corral.executor.streamjson import EnvelopeWriter
 
 
@@ -72,11 +72,11 @@ class CliRunner(ABC):
     ) -> CliHandler: ...
 
     async def run(self, request: RunRequest) -> RunResult:
-        request.exec_dir.mkdir(parents=True, exist_ok=True)
         model = request.model or self.model
         timeout_s = request.timeout_s or self.timeout_s
         binary = resolve_binary(self.binary, self.base_env)
-        with request.stderr_path.open("ab") as stderr, EnvelopeWriter(request.stdout_path) as w:
+        w, stderr = await open_logs(request)
+        with stderr, w:
             if binary is None:
                 return self._missing_binary(w, stderr)
             base = await git_base(request.workdir)

@@ -12,7 +12,7 @@ import uuid
 
 from corral.errors import LLMError, RateLimitError
 from corral.executor.changes import git_base, git_changestat
-from corral.executor.runner import RunRequest, RunResult, RunStatus
+from corral.executor.runner import RunRequest, RunResult, RunStatus, open_logs
 from corral.executor.streamjson import EnvelopeWriter, trim
 from corral.llm.client import ChatRequest, ChatResponse, Client, Message
 
@@ -39,14 +39,13 @@ class LocalRunner:
         return None
 
     async def run(self, request: RunRequest) -> RunResult:
-        request.exec_dir.mkdir(parents=True, exist_ok=True)
-        request.stderr_path.touch()
         model = request.model or self.client.model
         timeout_s = request.timeout_s or self.timeout_s
         session_id = str(uuid.uuid4())
         base = await git_base(request.workdir)
         started = time.monotonic()
-        with EnvelopeWriter(request.stdout_path) as writer:
+        writer, stderr = await open_logs(request)
+        with writer, stderr:
             writer.init(session_id=session_id, model=model,
                         cwd=str(request.workdir) if request.workdir else None,
                         source="local", endpoint=self.client.endpoint)

@@ -8,13 +8,14 @@ agent (process group or HTTP stream) before letting ``CancelledError`` through.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from corral.executor.streamjson import ChangeStat
+from corral.executor.streamjson import ChangeStat, EnvelopeWriter
 
 
 class RunStatus(enum.StrEnum):
@@ -68,6 +69,25 @@ class RunResult:
             self.files_changed = stat.files_changed
             self.insertions = stat.insertions
             self.deletions = stat.deletions
+
+
+async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
+    """Create the execution folder with ``stdout.log`` and ``stderr.log``, off the event loop.
+
+    Creating files can block for milliseconds on a busy disk; doing it in a thread keeps the
+    daemon answering while hundreds of executions start.
+    """
+
+    def make() -> tuple[EnvelopeWriter, BinaryIO]:
+        request.exec_dir.mkdir(parents=True, exist_ok=True)
+        stderr = request.stderr_path.open("ab")
+        try:
+            return EnvelopeWriter(request.stdout_path), stderr
+        except BaseException:
+            stderr.close()
+            raise
+
+    return await asyncio.to_thread(make)
 
 
 class Runner(Protocol):
