@@ -179,7 +179,8 @@ async def running_daemon(
         await runner.setup()
         stack.callback(socket_path.unlink, missing_ok=True)
         stack.push_async_callback(runner.cleanup)
-        site = web.UnixSite(runner, str(socket_path))
+        # A deep backlog: a burst of clients (scripts, other agents) must queue, not fail.
+        site = web.UnixSite(runner, str(socket_path), backlog=4096)
         await site.start()
         os.chmod(socket_path, 0o600)
         await stack.enter_async_context(pool)

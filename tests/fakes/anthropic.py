@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -53,7 +55,8 @@ class FakeAnthropic(FakeServer):
             return web.json_response(self._message(body, reply))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await self._stream(request, response, body, behaviour)
+        with contextlib.suppress(ConnectionResetError):  # the CLI went away: fine
+            await self._stream(request, response, body, behaviour)
         return response
 
     def _message(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
@@ -92,6 +95,8 @@ class FakeAnthropic(FakeServer):
                 "type": "api_error", "message": behaviour.message}}))
             return
         for piece in reply.pieces():
+            if reply.chunk_delay_s:
+                await asyncio.sleep(reply.chunk_delay_s)
             await response.write(_sse("content_block_delta", {
                 "type": "content_block_delta", "index": 0,
                 "delta": {"type": "text_delta", "text": piece}}))
