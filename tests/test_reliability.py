@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -113,7 +114,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
         assert finished is not None and status != "running"
         by_task.setdefault(task_id, []).append((started, finished))
     for spans in by_task.values():
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start >= end, "a task ran twice at the same time"
     assert processes_with_env(claude_env["HOME"]) == [], "orphan agent processes remain"
 
