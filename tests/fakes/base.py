@@ -68,18 +68,18 @@ Behaviour = Reply | Status | Garbage | Drop | Hang | StreamError
 class FakeServer:
     """Base class: subclasses add routes and speak their protocol."""
 
-    default: Behaviour = field(default_factory=Reply)
-    script: deque[Behaviour] = field(default_factory=deque)
+    default: Any = field(default_factory=Reply)
+    script: deque[Any] = field(default_factory=deque)
     requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
     _runner: web.AppRunner | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def push(self, *behaviours: Behaviour) -> Self:
+    def push(self, *behaviours: Any) -> Self:
         self.script.extend(behaviours)
         return self
 
-    def next_behaviour(self) -> Behaviour:
+    def next_behaviour(self) -> Any:
         return self.script.popleft() if self.script else self.default
 
     def routes(self, app: web.Application) -> None:

@@ -20,6 +20,11 @@ class BareStringError(StreamError):
 
 
 @dataclass
+class EchoAuth:
+    """A hostile 401 that echoes the caller's Authorization header in its message."""
+
+
+@dataclass
 class FakeOpenAI(FakeServer):
     """Every request is kept in ``requests`` with its ``headers`` and JSON ``body``."""
 
@@ -49,6 +54,9 @@ class FakeOpenAI(FakeServer):
         body = await request.json()
         self.requests.append({"headers": dict(request.headers), "body": body})
         behaviour = self.next_behaviour()
+        if isinstance(behaviour, EchoAuth):
+            echoed = request.headers.get("Authorization")
+            return web.json_response({"error": {"message": f"bad key {echoed}"}}, status=401)
         if isinstance(behaviour, Status):
             return await self.status_response(behaviour)
         if isinstance(behaviour, Hang):

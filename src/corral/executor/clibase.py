@@ -66,6 +66,10 @@ class CliRunner(ABC):
     def child_env(self) -> dict[str, str]:
         return dict(self.base_env)
 
+    def secrets(self) -> list[str]:
+        """Values in the child's environment that must never reach a log."""
+        return [v for k, v in self.child_env().items() if _looks_secret(k) and v]
+
     @abstractmethod
     def handler(
         self, writer: EnvelopeWriter, stderr: BinaryIO, request: RunRequest, model: str | None
@@ -93,6 +97,7 @@ class CliRunner(ABC):
                     timeout_s=timeout_s,
                     kill_grace_s=self.kill_grace_s,
                     on_pgid=request.on_pgid,
+                    secrets=self.secrets(),
                 )
             except asyncio.CancelledError:
                 _write_end(w, "cancelled", started)
@@ -118,6 +123,11 @@ class CliRunner(ABC):
         writer.result(is_error=True, result=message, session_id=None, duration_ms=0,
                       usage={}, total_cost_usd=None, num_turns=0, error=message)
         return RunResult(status=RunStatus.FAILED, error=message)
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))
 
 
 def _write_end(writer: EnvelopeWriter, reason: str, started: float) -> None:

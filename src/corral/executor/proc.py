@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -60,6 +60,19 @@ def kill_group(pgid: int, sig: signal.Signals) -> bool:
     except PermissionError:
         return False
     return True
+
+
+def _scrubber(secrets: Sequence[str]) -> Callable[[bytes], bytes]:
+    """Replaces each secret (8+ characters) in a line with ``***``."""
+    encoded = [s.encode() for s in secrets if len(s) >= 8]
+
+    def clean(line: bytes) -> bytes:
+        for secret in encoded:
+            if secret in line:
+                line = line.replace(secret, b"***")
+        return line
+
+    return clean
 
 
 async def _pump(
@@ -117,10 +130,12 @@ async def run_agent_process(
     timeout_s: float | None,
     kill_grace_s: float = 5.0,
     on_pgid: Callable[[int | None], Awaitable[None]] | None = None,
+    secrets: Sequence[str] = (),
 ) -> ProcOutcome:
     """Run ``argv`` to completion (or timeout / stop / cancellation) and return how it ended.
 
-    Every stderr line is appended to ``stderr_file`` before the handler sees it.
+    Every stderr line is appended to ``stderr_file`` before the handler sees it. Any of
+    ``secrets`` the program prints is replaced by ``***`` before a line goes anywhere.
     """
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -137,7 +152,8 @@ async def run_agent_process(
     pgid = proc.pid
     if on_pgid is not None:
         await on_pgid(pgid)
-    return await _supervise(proc, pgid, handler, stdin_data, stderr_file, timeout_s, kill_grace_s)
+    return await _supervise(proc, pgid, handler, stdin_data, stderr_file, timeout_s,
+                            kill_grace_s, _scrubber(secrets))
 
 
 async def _supervise(
@@ -148,6 +164,7 @@ async def _supervise(
     stderr_file: BinaryIO,
     timeout_s: float | None,
     kill_grace_s: float,
+    clean: Callable[[bytes], bytes],
 ) -> ProcOutcome:
     assert proc.stdout is not None and proc.stderr is not None
     outcome = ProcOutcome(exit_code=None)
@@ -158,7 +175,11 @@ async def _supervise(
             outcome.stopped = stop
         stop_event.set()
 
+    def on_stdout(line: bytes) -> Stop | None:
+        return handler.stdout_line(clean(line))
+
     def on_stderr(line: bytes) -> Stop | None:
+        line = clean(line)
         stderr_file.write(line + b"\n")
         stderr_file.flush()
         return handler.stderr_line(line)
@@ -168,7 +189,7 @@ async def _supervise(
         stderr_file.flush()
 
     pumps = [
-        asyncio.create_task(_pump(proc.stdout, handler.stdout_line, overflow, request_stop)),
+        asyncio.create_task(_pump(proc.stdout, on_stdout, overflow, request_stop)),
         asyncio.create_task(_pump(proc.stderr, on_stderr, overflow, request_stop)),
     ]
     feeder = asyncio.create_task(_feed(proc, stdin_data))

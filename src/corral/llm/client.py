@@ -239,8 +239,12 @@ class Client:
                               partial_content=state.text()) from None
         return state.finish(self.url)
 
+    def _scrub(self, text: str) -> str:
+        """Never let the key into an error (some servers and proxies echo request headers)."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
     async def _status_error(self, resp: aiohttp.ClientResponse) -> LLMError:
-        text = await _safe_text(resp)
+        text = self._scrub(await _safe_text(resp))
         retry_after_s = parse_retry_after(resp.headers)
         detail = _error_message(text)
         suffix = f"; retry-after: {retry_after_s:g}" if retry_after_s is not None else ""
@@ -264,7 +268,7 @@ class Client:
     ) -> LLMError:
         if isinstance(exc, LLMError):  # pragma: no cover - not an aiohttp error
             return exc
-        reason = str(exc) or type(exc).__name__
+        reason = self._scrub(str(exc) or type(exc).__name__)
         if delivered:
             return StreamError(
                 f"stream from {self.url} broke after content arrived: {reason}",
