@@ -18,7 +18,7 @@ from corral.daemon import running_daemon
 from corral.executor.claude import ClaudeRunner
 from corral.executor.runner import RunRequest, RunStatus
 from corral.executor.streamjson import read_events
-from tests.conftest import ApiClient, free_port
+from tests.conftest import ApiClient, free_port, until
 from tests.fakes.base import Behaviour, Drop, Garbage, Hang, Reply, Status, StreamError
 from tests.fakes.openai import BareStringError, FakeOpenAI
 
@@ -32,7 +32,7 @@ def http_date(seconds_from_now: float) -> str:
 
 @pytest.mark.parametrize("script, final, first_status", [
     ([Status(429, retry_after="20")], "queued", "rate_limited"),
-    ([Status(429, retry_after=http_date(20))], "queued", "rate_limited"),
+    ([Status(429, retry_after="http-date:+60")], "queued", "rate_limited"),
     ([Status(503)] * 3, "succeeded", "failed"),
     ([Status(529)] * 3, "queued", "rate_limited"),
     ([Drop(text="cut off")], "succeeded", "failed"),
@@ -48,7 +48,12 @@ async def test_server_faults_end_recorded(
     first_status: str,
 ) -> None:
     fake = await fake_openai()
-    fake.push(*script)
+    for behaviour in script:
+        if isinstance(behaviour, Status) and (behaviour.retry_after or "").startswith("http-date"):
+            # Dated when the test runs, not when it was collected.
+            seconds = float((behaviour.retry_after or "").split(":+")[1])
+            behaviour = Status(behaviour.status, retry_after=http_date(seconds))
+        fake.push(behaviour)
     settings = make_settings(local_model=LocalModelSettings(
         endpoint=fake.endpoint, model="m", idle_timeout_seconds=30))
     async with running_daemon(settings, {}):
@@ -58,8 +63,6 @@ async def test_server_faults_end_recorded(
             async def recorded() -> bool:
                 _, t = await api.call("GET", f"/tasks/{task['id']}")
                 return bool(t["executions"]) and t["executions"][0]["status"] != "running"
-
-            from tests.conftest import until
 
             await until(recorded)
             _, done = await api.call("GET", f"/tasks/{task['id']}")

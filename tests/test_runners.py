@@ -44,6 +44,20 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+class PgidLog:
+    """Collects the process group ids a runner reports through ``on_pgid``."""
+
+    def __init__(self) -> None:
+        self.pgids: list[int | None] = []
+
+    async def record(self, pgid: int | None) -> None:
+        self.pgids.append(pgid)
+
+    @property
+    def first(self) -> int | None:
+        return self.pgids[0] if self.pgids else None
+
+
 # -- LocalRunner -------------------------------------------------------------------------------
 
 
@@ -165,17 +179,14 @@ async def test_claude_rate_limit_stops_the_retrying_cli(
 ) -> None:
     fake_anthropic.default = Status(status, retry_after="1")
     started = time.monotonic()
-    pgids: list[int | None] = []
-
-    async def on_pgid(pgid: int | None) -> None:
-        pgids.append(pgid)
+    pgids = PgidLog()
 
     result = await claude(claude_env, max_rate_limit_retries=2).run(
-        request(tmp_path, on_pgid=on_pgid))
+        request(tmp_path, on_pgid=pgids.record))
     assert result.status == RunStatus.RATE_LIMITED, result.error
     assert result.retry_after_s is not None and result.retry_after_s > 0
     assert time.monotonic() - started < 30
-    assert pgids and pgids[0] is not None and not group_alive(pgids[0])
+    assert pgids.first is not None and not group_alive(pgids.first)
 
 
 @pytest.mark.real
@@ -183,14 +194,11 @@ async def test_claude_hang_times_out_and_group_is_gone(
     tmp_path: Path, claude_env: dict[str, str], fake_anthropic: FakeAnthropic
 ) -> None:
     fake_anthropic.default = Hang()
-    pgids: list[int | None] = []
+    pgids = PgidLog()
 
-    async def on_pgid(pgid: int | None) -> None:
-        pgids.append(pgid)
-
-    result = await claude(claude_env).run(request(tmp_path, timeout_s=4, on_pgid=on_pgid))
+    result = await claude(claude_env).run(request(tmp_path, timeout_s=4, on_pgid=pgids.record))
     assert result.status == RunStatus.TIMED_OUT
-    assert pgids[0] is not None and not group_alive(pgids[0])
+    assert pgids.first is not None and not group_alive(pgids.first)
 
 
 @pytest.mark.real
@@ -198,12 +206,9 @@ async def test_claude_cancel_mid_run_kills_group(
     tmp_path: Path, claude_env: dict[str, str], fake_anthropic: FakeAnthropic
 ) -> None:
     fake_anthropic.default = Hang()
-    pgids: list[int | None] = []
+    pgids = PgidLog()
 
-    async def on_pgid(pgid: int | None) -> None:
-        pgids.append(pgid)
-
-    run = asyncio.create_task(claude(claude_env).run(request(tmp_path, on_pgid=on_pgid)))
+    run = asyncio.create_task(claude(claude_env).run(request(tmp_path, on_pgid=pgids.record)))
 
     async def requested() -> bool:
         return bool(fake_anthropic.requests)
@@ -212,7 +217,7 @@ async def test_claude_cancel_mid_run_kills_group(
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
-    assert pgids[0] is not None and not group_alive(pgids[0])
+    assert pgids.first is not None and not group_alive(pgids.first)
 
 
 async def test_claude_missing_binary_is_a_clear_failure(tmp_path: Path) -> None:
@@ -293,14 +298,11 @@ async def test_gemini_hang_times_out(
     tmp_path: Path, gemini_env: dict[str, str], fake_gemini: FakeGemini
 ) -> None:
     fake_gemini.default = Hang()
-    pgids: list[int | None] = []
+    pgids = PgidLog()
 
-    async def on_pgid(pgid: int | None) -> None:
-        pgids.append(pgid)
-
-    result = await gemini(gemini_env).run(request(tmp_path, timeout_s=4, on_pgid=on_pgid))
+    result = await gemini(gemini_env).run(request(tmp_path, timeout_s=4, on_pgid=pgids.record))
     assert result.status == RunStatus.TIMED_OUT
-    assert pgids[0] is not None and not group_alive(pgids[0])
+    assert pgids.first is not None and not group_alive(pgids.first)
 
 
 async def test_gemini_missing_binary(tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.paths import client_socket_path
 from corral.render import render_log, task_detail, task_table
 from corral.server.client import ApiError, CorralClient, DaemonUnreachable
+
+if TYPE_CHECKING:  # the client commands never load pydantic
+    from corral.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -26,18 +29,27 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def _settings(args: argparse.Namespace) -> Settings | None:
+    """The daemon's settings, or None after printing the one-line reason they are invalid."""
+    from corral.config import load_settings
+    from corral.errors import ConfigError
+
+    try:
+        return load_settings(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"corral: {exc.message}", file=sys.stderr)
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from corral.config import load_settings
     from corral.daemon import serve
     from corral.errors import ConfigError
 
-    try:
-        settings = load_settings(Path(args.config) if args.config else None)
-    except ConfigError as exc:
-        print(f"corral: {exc.message}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return EXIT_USAGE
     logging.basicConfig(level=settings.daemon.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,13 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from corral.config import load_settings
-    from corral.errors import ConfigError
-
-    try:
-        settings = load_settings(Path(args.config) if args.config else None)
-    except ConfigError as exc:
-        print(f"corral: {exc.message}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return EXIT_USAGE
     _print_json(settings.redacted())
     return EXIT_OK

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Drop, FakeServer, Garbage, Hang, Reply, Status, StreamError
+from tests.fakes.base import Drop, FakeServer, Garbage, Reply, StreamError
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -45,11 +45,9 @@ class FakeAnthropic(FakeServer):
         body = await request.json()
         self.requests.append(body)
         behaviour = self.next_behaviour()
-        if isinstance(behaviour, Status):
-            return await self.status_response(behaviour)
-        if isinstance(behaviour, Hang):
-            await self.hang()
-            return web.Response(status=503)
+        early = await self.early_answer(behaviour)
+        if early is not None:
+            return early
         if not body.get("stream"):
             reply = behaviour if isinstance(behaviour, Reply) else Reply()
             return web.json_response(self._message(body, reply))

@@ -106,6 +106,15 @@ class FakeServer:
     async def hang(self) -> None:
         await self._release.wait()
 
+    async def early_answer(self, behaviour: Any) -> web.Response | None:
+        """The answer for behaviours that never start a stream (an error status, a hang)."""
+        if isinstance(behaviour, Status):
+            return await self.status_response(behaviour)
+        if isinstance(behaviour, Hang):
+            await self.hang()
+            return web.Response(status=503)
+        return None
+
     async def status_response(self, behaviour: Status) -> web.Response:
         headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else {}
         body = behaviour.body if behaviour.body is not None else self.error_body(behaviour.status)

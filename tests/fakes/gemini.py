@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Drop, FakeServer, Garbage, Hang, Reply, Status, StreamError
+from tests.fakes.base import Drop, FakeServer, Garbage, Reply, StreamError
 
 
 @dataclass
@@ -41,11 +41,9 @@ class FakeGemini(FakeServer):
         body = await request.json()
         self.requests.append({"call": call, **body})
         behaviour = self.next_behaviour()
-        if isinstance(behaviour, Status):
-            return await self.status_response(behaviour)
-        if isinstance(behaviour, Hang):
-            await self.hang()
-            return web.Response(status=503)
+        early = await self.early_answer(behaviour)
+        if early is not None:
+            return early
         reply = behaviour if isinstance(behaviour, Reply) else Reply(text="")
         if not call.endswith(":streamGenerateContent"):
             return web.json_response(self.chunk(reply.text, reply, final=True))

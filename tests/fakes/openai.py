@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Drop, FakeServer, Garbage, Hang, Reply, Status, StreamError
+from tests.fakes.base import Drop, FakeServer, Garbage, Reply, StreamError
 
 
 @dataclass
@@ -57,11 +57,9 @@ class FakeOpenAI(FakeServer):
         if isinstance(behaviour, EchoAuth):
             echoed = request.headers.get("Authorization")
             return web.json_response({"error": {"message": f"bad key {echoed}"}}, status=401)
-        if isinstance(behaviour, Status):
-            return await self.status_response(behaviour)
-        if isinstance(behaviour, Hang):
-            await self.hang()
-            return web.Response(status=503)
+        early = await self.early_answer(behaviour)
+        if early is not None:
+            return early
         reply = behaviour if isinstance(behaviour, Reply) else Reply(text="")
         if not body.get("stream"):
             if isinstance(behaviour, Garbage):
