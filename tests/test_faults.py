@@ -34,7 +34,7 @@ def http_date(seconds_from_now: float) -> str:
     ([Status(429, retry_after="20")], "queued", "rate_limited"),
     ([Status(429, retry_after="http-date:+60")], "queued", "rate_limited"),
     ([Status(503)] * 3, "succeeded", "failed"),
-    ([Status(529)] * 3, "queued", "rate_limited"),
+    ([Status(529, retry_after="20")], "queued", "rate_limited"),
     ([Drop(text="cut off")], "succeeded", "failed"),
     ([StreamError(message="boom")], "succeeded", "failed"),
     ([BareStringError(message="boom")], "succeeded", "failed"),
