@@ -81,8 +81,9 @@ async def test_recover_interrupted(tmp_path: Path) -> None:
             assert claimed is not None
             await store.start_execution(task_id, agent="local", model=None,
                                         executions_dir=tmp_path)
-        interrupted = await store.recover_interrupted()
-        assert len(interrupted) == 2
+        assert len(await store.running_executions()) == 2
+        assert await store.recover_interrupted() == 2
+        assert await store.running_executions() == []
         assert (await store.get_task(again.id)).state == TaskState.QUEUED
         failed = await store.get_task(spent.id, with_executions=True)
         assert failed.state == TaskState.FAILED and "out of attempts" in (failed.error or "")

@@ -164,10 +164,13 @@ async def running_daemon(
         store = await stack.enter_async_context(
             Store(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous)
         )
+        # Kill what a dead daemon left running first, so no orphan edits files while its
+        # task is requeued; then record the interruption.
+        killed = kill_orphans(await store.running_executions())
         interrupted = await store.recover_interrupted()
         if interrupted:
-            log.warning("recovered %d executions interrupted by a previous daemon (%d killed)",
-                        len(interrupted), kill_orphans(interrupted))
+            log.warning("recovered %d executions interrupted by a previous daemon (%d process"
+                        " groups killed)", interrupted, killed)
         if agents.client is not None:
             await stack.enter_async_context(agents.client)
         classifier = build_classifier(settings, agents, env) if agents.runners else None

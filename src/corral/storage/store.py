@@ -338,26 +338,27 @@ class Store:
         )
         return [_execution(r) for r in rows]
 
-    async def recover_interrupted(self) -> list[Execution]:
+    async def running_executions(self) -> list[Execution]:
+        """Executions recorded as running (after a crash: what the dead daemon left behind)."""
+        rows = await self._all(f"SELECT {_EXEC_COLS} FROM executions WHERE status = 'running'")
+        return [_execution(r) for r in rows]
+
+    async def recover_interrupted(self) -> int:
         """After a crash: mark executions left ``running`` interrupted and requeue their tasks.
 
-        Tasks whose attempts are spent fail with the reason recorded. Returns the executions
-        that were interrupted (their ``pgid`` tells the caller which process groups to kill).
+        Tasks whose attempts are spent fail with the reason recorded. Returns how many
+        executions were interrupted.
         """
-        rows = await self._all(
-            f"SELECT {_EXEC_COLS} FROM executions WHERE status = 'running'"
-        )
-        interrupted = [_execution(r) for r in rows]
         now = self._clock()
 
-        def recover(c: sqlite3.Connection) -> None:
+        def recover(c: sqlite3.Connection) -> int:
             with _transaction(c):
-                c.execute(
+                count = c.execute(
                     "UPDATE executions SET status = 'interrupted', finished_at = ?,"
                     " error = 'daemon stopped while this execution was running'"
                     " WHERE status = 'running'",
                     (now,),
-                )
+                ).rowcount
                 c.execute(
                     "UPDATE tasks SET state = 'failed', updated_at = ?,"
                     " error = 'interrupted by a daemon restart and out of attempts'"
@@ -368,9 +369,9 @@ class Store:
                     "UPDATE tasks SET state = 'queued', updated_at = ? WHERE state = 'running'",
                     (now,),
                 )
+            return int(count)
 
-        await self._in_db(recover)
-        return interrupted
+        return await self._in_db(recover)
 
     # -- stats ---------------------------------------------------------------------------------
 
