@@ -89,7 +89,7 @@ class LocalRunner:
         return RunResult(
             status=RunStatus.SUCCEEDED, summary=trim(response.content), cost_usd=0.0,
             tokens_in=response.prompt_tokens, tokens_out=response.output_tokens,
-            session_id=session_id, model=response.model or model,
+            session_id=session_id, model=model or response.model,
         )
 
     def _failed(
