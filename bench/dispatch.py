@@ -90,6 +90,7 @@ async def bench_corral(endpoint: str, tasks: int, clients: int) -> tuple[float, 
     finally:
         _stop(daemon)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(sock.parent, ignore_errors=True)
     return tasks / elapsed, latencies
 
 
@@ -151,6 +152,7 @@ async def bench_memory(endpoint: str, streams: int) -> float:
     finally:
         _stop(daemon)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(sock.parent, ignore_errors=True)
     return peak
 
 

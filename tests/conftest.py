@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -136,14 +138,29 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def socket_path() -> Iterator[Callable[[], Path]]:
+    """Short socket paths (AF_UNIX allows ~108 bytes), their folders removed afterwards."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        folder = Path(tempfile.gettempdir()) / f"corral-t{os.getpid()}-{time.monotonic_ns()}"
+        made.append(folder)
+        return folder / "corral.sock"
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def make_settings(
+    tmp_path: Path, socket_path: Callable[[], Path]
+) -> Callable[..., Settings]:
     """Settings for a daemon in ``tmp_path``; keyword arguments replace whole sections."""
 
     def make(**sections: Any) -> Settings:
-        # AF_UNIX paths are limited to ~108 bytes: keep the socket short.
-        sock_dir = Path("/tmp") / f"corral-t{os.getpid()}-{time.monotonic_ns()}"
         base: dict[str, Any] = {
-            "daemon": DaemonSettings(socket_path=sock_dir / "corral.sock",
+            "daemon": DaemonSettings(socket_path=socket_path(),
                                      data_dir=tmp_path / "data", shutdown_grace_seconds=2.0),
             "pool": PoolSettings(retry_base_seconds=0.05, retry_max_seconds=0.2,
                                  cooldown_default_seconds=1.0, kill_grace_seconds=1.0),

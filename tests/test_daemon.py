@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import stat
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,12 @@ MakeFake = Callable[[], Awaitable[FakeOpenAI]]
 
 
 @pytest.fixture
-async def daemon_config(tmp_path: Path, fake_openai: MakeFake) -> tuple[Path, Path, FakeOpenAI]:
+async def daemon_config(
+    tmp_path: Path, fake_openai: MakeFake, socket_path: Callable[[], Path]
+) -> tuple[Path, Path, FakeOpenAI]:
     fake = await fake_openai()
     fake.default = Reply(text="Bonjour!", input_tokens=5, output_tokens=3)
-    sock = Path("/tmp") / f"corral-d{os.getpid()}-{time.monotonic_ns()}" / "corral.sock"
+    sock = socket_path()
     config = tmp_path / "config.toml"
     config.write_text(
         f'[daemon]\nsocket_path = "{sock}"\ndata_dir = "{tmp_path / "data"}"\n'

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ def body_strategy() -> st.SearchStrategy[Any]:
 @pytest.fixture(scope="module")
 def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    sock = Path("/tmp") / f"corral-fz{os.getpid()}-{time.monotonic_ns()}" / "corral.sock"
+    sock = Path(tempfile.mkdtemp(prefix="corral-fz")) / "corral.sock"
     config = tmp / "config.toml"
     # No agent at all: tasks are stored and fail fast, which is all the fuzz needs.
     config.write_text(f'[daemon]\nsocket_path = "{sock}"\ndata_dir = "{tmp / "data"}"\n'
@@ -69,6 +70,7 @@ def daemon_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield sock
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
+    shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 def call(sock: Path, method: str, path: str, body: Any = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -60,16 +59,13 @@ def claude_section(claude_env: dict[str, str]) -> str:
     return f'[claude]\nbinary = "{peers.claude_bin()}"\nenv = {{ {env} }}\n'
 
 
-def socket_path() -> Path:
-    return Path("/tmp") / f"corral-r{os.getpid()}-{time.monotonic_ns()}" / "corral.sock"
-
-
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_sigkill_at_random_moments_loses_nothing(
     tmp_path: Path, fake_openai: MakeFake, fake_anthropic: FakeAnthropic,
     claude_env: dict[str, str], api_client: Callable[[Path], ApiClient],
+    socket_path: Callable[[], Path],
 ) -> None:
     fake = await fake_openai()
     fake.default = Reply(text="local work done", chunks=5, chunk_delay_s=0.02)
@@ -123,6 +119,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
 async def test_sigterm_interrupts_running_tasks_back_to_queue_and_kills_children(
     tmp_path: Path, fake_openai: MakeFake, fake_anthropic: FakeAnthropic,
     claude_env: dict[str, str], api_client: Callable[[Path], ApiClient],
+    socket_path: Callable[[], Path],
 ) -> None:
     fake = await fake_openai()
     fake_anthropic.default = Hang()
