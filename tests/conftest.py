@@ -43,12 +43,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def llama_server() -> Iterator[str]:
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real llama.cpp server with SmolLM2 on a free loopback port; yields ``…/v1``."""
     binary = peers.llama_server_bin()
     model = peers.smollm2_model()
     port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"corral-llama-{port}.log"
+    log_path = tmp_path_factory.mktemp("llama") / "llama-server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
