@@ -271,3 +271,26 @@ async def test_local_task_on_real_smollm2_records_tokens(
         "SELECT tokens_in, tokens_out FROM executions"
     ) as cur:
         assert await cur.fetchone() == (execution["tokens_in"], execution["tokens_out"])
+
+
+async def test_follow_log_of_a_queued_task_streams_live_until_it_ends(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="first " * 20, chunks=20, chunk_delay_s=0.02),
+              Reply(parts=tuple(f"w{i} " for i in range(30)), chunk_delay_s=0.02))
+    _, api = await daemon(make_settings(pool=pool_settings(local=1), local_model=local(fake)))
+    await api.submit(prompt="first", agent="local")
+    second = await api.submit(prompt="second", agent="local")
+    lines: list[bytes] = []
+    async with api.session.get(f"http://corral/tasks/{second['id']}/log",
+                               params={"follow": "1"}) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            lines.append(line)
+            if len(lines) == 3:  # streamed while the task is still running
+                _, task = await api.call("GET", f"/tasks/{second['id']}")
+                assert task["state"] == "running"
+    events = [json.loads(line) for line in lines]
+    assert events[0]["type"] == "system" and events[-1]["type"] == "result"
+    assert events[-1]["result"] == "".join(f"w{i} " for i in range(30))

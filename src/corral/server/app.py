@@ -214,10 +214,14 @@ async def task_log(request: web.Request) -> web.StreamResponse:
     """The envelope of a task's execution (the latest by default), optionally followed live."""
     store = request.app[STORE_KEY]
     task_id = _task_id(request)
+    follow = request.query.get("follow") in ("1", "true", "yes")
     executions = await store.executions_for(task_id)
-    if not executions:
-        await store.get_task(task_id)  # 404 for a task that does not exist
-        raise NotFound(f"task {task_id} has no execution yet")
+    while not executions:
+        task = await store.get_task(task_id)  # 404 for a task that does not exist
+        if not follow or task.state.final:
+            raise NotFound(f"task {task_id} has no execution yet")
+        await asyncio.sleep(FOLLOW_POLL_S)  # following a queued task: wait for it to start
+        executions = await store.executions_for(task_id)
     wanted = _int_query(request, "execution", executions[-1].id, 1, 2**62)
     matching = [e for e in executions if e.id == wanted]
     if not matching:
@@ -225,7 +229,6 @@ async def task_log(request: web.Request) -> web.StreamResponse:
     execution = matching[0]
     stream_name = "stderr.log" if request.query.get("stream") == "stderr" else "stdout.log"
     path = Path(execution.log_path or "") / stream_name
-    follow = request.query.get("follow") in ("1", "true", "yes")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     offset = 0
