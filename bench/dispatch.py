@@ -63,9 +63,11 @@ async def _succeeded(session: aiohttp.ClientSession) -> int:
         return int((await resp.json())["tasks"]["succeeded"])
 
 
-async def bench_corral(endpoint: str, tasks: int, clients: int) -> tuple[float, list[float]]:
+async def bench_corral(
+    endpoint: str, tasks: int, clients: int, workers: int = 16
+) -> tuple[float, list[float]]:
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    config, sock = _config(tmp, endpoint, "bench", 64)
+    config, sock = _config(tmp, endpoint, "bench", workers)
     daemon = await _start_daemon(config, sock)
     latencies: list[float] = []
     try:
@@ -169,8 +171,8 @@ async def main(tasks: int, clients: int) -> None:
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     print(f"{tasks} tasks, {clients} concurrent submitters, SQLite synchronous=NORMAL (WAL)")
-    print(f"  corral  {corral_rate:>8,.0f} tasks/s end to end; submit p50 {p50:.1f} ms,"
-          f" p99 {p99:.1f} ms")
+    print(f"  corral  {corral_rate:>8,.0f} tasks/s end to end (16 local workers); submit p50"
+          f" {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"  huey    {huey_rate:>8,.0f} tasks/s (SqliteHuey, 8 thread workers)")
     print(f"  ratio corral / huey: {corral_rate / huey_rate:.2f}x")
     print(f"  corral daemon RSS with 200 local streams in flight: {rss:.0f} MB")
