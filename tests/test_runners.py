@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -256,7 +257,8 @@ async def test_gemini_normal_run_translated(
     tmp_path: Path, gemini_env: dict[str, str], fake_gemini: FakeGemini
 ) -> None:
     fake_gemini.push(Reply(parts=("Gem", "ini ", "says hi"), input_tokens=30, output_tokens=4))
-    result = await gemini(gemini_env).run(request(tmp_path, workdir=tmp_path))
+    prompt = "big prompt " + "z" * 300_000  # over the kernel's 128 KiB limit for one argument
+    result = await gemini(gemini_env).run(request(tmp_path, prompt, workdir=tmp_path))
     assert result.status == RunStatus.SUCCEEDED, result.error
     assert result.summary == "Gemini says hi"
     assert (result.tokens_in, result.tokens_out) == (30, 4)
@@ -268,6 +270,7 @@ async def test_gemini_normal_run_translated(
     assert s.result_text == "Gemini says hi" and s.tokens_out == 4
     stderr = (tmp_path / "exec" / "stderr.log").read_text()
     assert "256-color" in stderr or "Ripgrep" in stderr or stderr == ""
+    assert prompt in json.dumps(fake_gemini.requests[-1]["contents"])
 
 
 @pytest.mark.real

@@ -40,8 +40,9 @@ class GeminiRunner(CliRunner):
         self.approval_mode = approval_mode
 
     def argv(self, binary: str, request: RunRequest, model: str | None) -> list[str]:
-        # The CLI takes the prompt as -p's value; it goes through exec directly (never a shell).
-        argv = [binary, "-p", request.prompt, "--output-format", "stream-json", "--skip-trust"]
+        # The prompt goes on stdin (the CLI prepends stdin to -p's empty value): no argv length
+        # limit, never visible in `ps`, never near a shell.
+        argv = [binary, "-p", "", "--output-format", "stream-json", "--skip-trust"]
         if model:
             argv += ["-m", model]
         if self.approval_mode:
@@ -49,7 +50,7 @@ class GeminiRunner(CliRunner):
         return argv + self.extra_args
 
     def stdin_data(self, request: RunRequest) -> bytes:
-        return b""
+        return request.prompt.encode("utf-8", "surrogateescape")
 
     def handler(
         self, writer: EnvelopeWriter, stderr: BinaryIO, request: RunRequest, model: str | None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from typing import BinaryIO, Protocol
 
 CHUNK_BYTES = 64 * 1024
 MAX_LINE_BYTES = 8 * 1024 * 1024
+PIPE_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -137,23 +139,55 @@ async def run_agent_process(
     Every stderr line is appended to ``stderr_file`` before the handler sees it. Any of
     ``secrets`` the program prints is replaced by ``***`` before a line goes anywhere.
     """
+    out_r, out_w = _big_pipe()
+    err_r, err_w = _big_pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=cwd,
             env=dict(env),
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=out_w,
+            stderr=err_w,
             start_new_session=True,  # own process group: we can end it and all it spawned
         )
     except OSError as exc:
+        os.close(out_r)
+        os.close(err_r)
         return ProcOutcome(exit_code=None, start_error=f"cannot start {argv[0]}: {exc}")
-    pgid = proc.pid
-    if on_pgid is not None:
-        await on_pgid(pgid)
-    return await _supervise(proc, pgid, handler, stdin_data, stderr_file, timeout_s,
-                            kill_grace_s, _scrubber(secrets))
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    stdout, out_transport = await _reader(out_r)
+    stderr, err_transport = await _reader(err_r)
+    try:
+        if on_pgid is not None:
+            await on_pgid(proc.pid)
+        return await _supervise(proc, proc.pid, handler, stdin_data, (stdout, stderr),
+                                stderr_file, timeout_s, kill_grace_s, _scrubber(secrets))
+    finally:
+        out_transport.close()
+        err_transport.close()
+
+
+def _big_pipe() -> tuple[int, int]:
+    """A pipe with a 1 MiB buffer (where the system allows it).
+
+    Node-based CLIs exit without draining stdout: what does not fit the pipe's buffer at that
+    moment is lost, so a 64 KiB default can cut off the final ``result`` line.
+    """
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    return read_fd, write_fd
+
+
+async def _reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader, transport
 
 
 async def _supervise(
@@ -161,12 +195,13 @@ async def _supervise(
     pgid: int,
     handler: LineHandler,
     stdin_data: bytes,
+    pipes: tuple[asyncio.StreamReader, asyncio.StreamReader],
     stderr_file: BinaryIO,
     timeout_s: float | None,
     kill_grace_s: float,
     clean: Callable[[bytes], bytes],
 ) -> ProcOutcome:
-    assert proc.stdout is not None and proc.stderr is not None
+    stdout, stderr = pipes
     outcome = ProcOutcome(exit_code=None)
     stop_event = asyncio.Event()
 
@@ -189,8 +224,8 @@ async def _supervise(
         stderr_file.flush()
 
     pumps = [
-        asyncio.create_task(_pump(proc.stdout, on_stdout, overflow, request_stop)),
-        asyncio.create_task(_pump(proc.stderr, on_stderr, overflow, request_stop)),
+        asyncio.create_task(_pump(stdout, on_stdout, overflow, request_stop)),
+        asyncio.create_task(_pump(stderr, on_stderr, overflow, request_stop)),
     ]
     feeder = asyncio.create_task(_feed(proc, stdin_data))
     waiter = asyncio.create_task(proc.wait())
