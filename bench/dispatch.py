@@ -29,6 +29,10 @@ import aiohttp
 
 from bench.loopback import start_server
 
+# How often both sides are checked for completion: the same for corral and huey, and rare
+# enough that the check itself costs neither much.
+POLL_S = 0.1
+
 
 def _config(tmp: Path, endpoint: str, model: str, workers: int) -> tuple[Path, Path]:
     sock = Path(tempfile.mkdtemp(prefix="corral-b")) / "corral.sock"
@@ -87,7 +91,7 @@ async def bench_corral(
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(clients)))
             while await _succeeded(session) < tasks:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(POLL_S)
             elapsed = time.perf_counter() - started
     finally:
         _stop(daemon)
@@ -113,7 +117,7 @@ def bench_huey(endpoint: str, tasks: int, workers: int) -> float:
         for n in range(tasks):
             huey_tasks.call_model(endpoint, str(out), n)
         while len(os.listdir(out)) < tasks:
-            time.sleep(0.02)
+            time.sleep(POLL_S)
         elapsed = time.perf_counter() - started
     finally:
         consumer.send_signal(signal.SIGINT)
