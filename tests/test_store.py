@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from corral.executor.pool import balance
 from corral.models import ExecStatus, TaskState
 from corral.storage.migrations import load_migrations
 from corral.storage.store import Store
@@ -49,8 +50,8 @@ async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:
 
         async def drain(s: Store) -> list[int]:
             got = []
-            while (task := await s.claim_next(pinned_agents=["local"], any_agent=False)):
-                got.append(task.id)
+            while (claimed := await s.claim({"local": 100}, balance, tmp_path)):
+                got.append(claimed[0].id)
             return got
 
         first, second = await asyncio.gather(drain(a), drain(b))
@@ -58,16 +59,20 @@ async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:
     assert not set(first) & set(second)
 
 
-async def test_claim_order_priority_then_age_and_agent_filter(store: Store) -> None:
+async def test_claim_order_priority_then_age_and_agent_filter(
+    store: Store, tmp_path: Path
+) -> None:
     low = await store.create_task("low", agent="local", pinned=True)
     high = await store.create_task("high", agent="local", pinned=True, priority=5)
     other = await store.create_task("claude", agent="claude", pinned=True, priority=9)
     unclassified = await store.create_task("auto")
-    first = await store.claim_next(pinned_agents=["local"], any_agent=False)
-    second = await store.claim_next(pinned_agents=["local"], any_agent=False)
-    assert first and second and (first.id, second.id) == (high.id, low.id)
-    assert first.attempts == 1 and first.state == TaskState.RUNNING
-    assert await store.claim_next(pinned_agents=["local"], any_agent=False) is None
+    first = await store.claim({"local": 2}, balance, tmp_path)
+    second = await store.claim({"local": 1}, balance, tmp_path)
+    assert first and second and (first[0].id, second[0].id) == (high.id, low.id)
+    assert first[0].attempts == 1 and first[0].state == TaskState.RUNNING
+    assert first[1].status == ExecStatus.RUNNING and first[1].task_id == high.id
+    assert first[1].log_path == str(tmp_path / str(first[1].id))
+    assert await store.claim({"local": 1}, balance, tmp_path) is None
     assert (await store.get_task(other.id)).state == TaskState.QUEUED
     assert (await store.get_task(unclassified.id)).state == TaskState.QUEUED
 
@@ -76,11 +81,8 @@ async def test_recover_interrupted(tmp_path: Path) -> None:
     async with Store(tmp_path / "r.db") as store:
         again = await store.create_task("again", agent="local", pinned=True, max_retries=1)
         spent = await store.create_task("spent", agent="local", pinned=True, max_retries=0)
-        for task_id in (again.id, spent.id):
-            claimed = await store.claim_next(pinned_agents=["local"], any_agent=False)
-            assert claimed is not None
-            await store.start_execution(task_id, agent="local", model=None,
-                                        executions_dir=tmp_path)
+        for _ in (again, spent):
+            assert await store.claim({"local": 2}, balance, tmp_path) is not None
         assert len(await store.running_executions()) == 2
         assert await store.recover_interrupted() == 2
         assert await store.running_executions() == []
@@ -88,3 +90,19 @@ async def test_recover_interrupted(tmp_path: Path) -> None:
         failed = await store.get_task(spent.id, with_executions=True)
         assert failed.state == TaskState.FAILED and "out of attempts" in (failed.error or "")
         assert failed.executions[0].status == ExecStatus.INTERRUPTED
+
+
+async def test_unpinned_tasks_are_balanced_to_the_freest_agent(
+    store: Store, tmp_path: Path
+) -> None:
+    task = await store.create_task("auto", agent="claude", classifier_reason="pick claude")
+    claimed = await store.claim({"claude": 1, "local": 3}, balance, tmp_path)
+    assert claimed is not None
+    assert claimed[0].agent == "local" and claimed[1].agent == "local"
+    assert (await store.get_task(task.id)).classifier_reason == "pick claude; balanced to local"
+
+
+def test_balance_prefers_free_capacity_then_the_classifier() -> None:
+    assert balance("claude", {"claude": 1, "local": 3}) == "local"
+    assert balance("claude", {"claude": 2, "local": 2}) == "claude"
+    assert balance(None, {"gemini": 2, "local": 2}) == "gemini"

@@ -59,9 +59,21 @@ class AgentSlot:
 class _Job:
     task: Task
     agent: AgentSlot
+    execution: Execution
     worker: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def balance(choice: str | None, free: Mapping[str, int]) -> str:
+    """Load balancing: the agent with the most free slots; a tie goes to the classifier's choice.
+
+    Pure: it runs inside the store's claiming transaction.
+    """
+    best = max(free.values())
+    if choice is not None and free.get(choice) == best:
+        return choice
+    return min(name for name, n in free.items() if n == best)
 
 
 class Pool:
@@ -302,37 +314,17 @@ class Pool:
         """Start as many ready tasks as slots allow; return how long to sleep at most."""
         while len(self._jobs) < self.settings.max_workers:
             now = self.clock()
-            free = [a for a in self.agents.values() if a.free(now) > 0]
-            if not free:
+            free = {a.name: a.free(now) for a in self.agents.values() if a.free(now) > 0}
+            claimed = await self.store.claim(free, balance, self.executions_dir)
+            if claimed is None:
                 break
-            task = await self.store.claim_next(
-                pinned_agents=[a.name for a in free], any_agent=True
-            )
-            if task is None:
-                break
-            slot = self._place(task, free, now)
-            if slot.name != task.agent:
-                await self.store.update_task(
-                    task.id, agent=slot.name,
-                    classifier_reason=f"{task.classifier_reason}; balanced to {slot.name}",
-                )
-                task.agent = slot.name
-            job = _Job(task, slot)
+            task, execution = claimed
+            slot = self.agents[task.agent or ""]
+            job = _Job(task, slot, execution)
             self._jobs[task.id] = job
             slot.running += 1
             job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
         return self._next_wake_delay()
-
-    def _place(self, task: Task, free: list[AgentSlot], now: float) -> AgentSlot:
-        if task.pinned:
-            return self.agents[task.agent or ""]
-        # Most free capacity wins; a tie goes to the classifier's choice.
-        best = max(a.free(now) for a in free)
-        tied = [a for a in free if a.free(now) == best]
-        for slot in tied:
-            if slot.name == task.agent:
-                return slot
-        return tied[0]
 
     def _next_wake_delay(self) -> float:
         now = self.clock()
@@ -348,12 +340,8 @@ class Pool:
     # -- running one attempt --------------------------------------------------------------------
 
     async def _run(self, job: _Job) -> None:
-        task, slot = job.task, job.agent
-        execution: Execution | None = None
+        task, slot, execution = job.task, job.agent, job.execution
         try:
-            execution = await self.store.start_execution(
-                task.id, agent=slot.name, model=task.model, executions_dir=self.executions_dir
-            )
             request = RunRequest(
                 prompt=task.prompt, exec_dir=Path(execution.log_path or ""), model=task.model,
                 workdir=Path(task.workdir) if task.workdir else None, timeout_s=task.timeout_s,
@@ -369,10 +357,8 @@ class Pool:
                 result = RunResult(status=RunStatus.FAILED,
                                    error=f"{slot.name} runner error: {type(exc).__name__}: {exc}")
             await asyncio.shield(self._record(job, execution, result))
-        except asyncio.CancelledError:
-            if execution is None:  # cancelled before the attempt began: give it back
-                await asyncio.shield(self._record_cancel(job, None))
         except Exception:
+            # The store failed; a restart's recovery requeues what is still marked running.
             log.exception("recording task %s failed", task.id)
         finally:
             slot.running -= 1
@@ -426,7 +412,7 @@ class Pool:
         slot.cooldown_until = max(slot.cooldown_until, now + seconds)
         log.warning("agent %s rate limited; cooling down for %.1fs", slot.name, seconds)
 
-    async def _record_cancel(self, job: _Job, execution: Execution | None) -> None:
+    async def _record_cancel(self, job: _Job, execution: Execution) -> None:
         task = job.task
         if job.cancel_reason == "cancelled":
             task_fields: dict[str, Any] = {"state": TaskState.CANCELLED,
@@ -436,13 +422,10 @@ class Pool:
             task_fields = {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
                            "error": None}
             status = ExecStatus.INTERRUPTED
-        if execution is None:
-            await self.store.update_task(task.id, **task_fields)
-        else:
-            await self.store.finish(
-                execution.id, task.id, task=task_fields,
-                execution={"status": status, "error": task_fields["error"] or "daemon shutdown"},
-            )
+        await self.store.finish(
+            execution.id, task.id, task=task_fields,
+            execution={"status": status, "error": task_fields["error"] or "daemon shutdown"},
+        )
         if task_fields["state"] != TaskState.QUEUED:
             self._finalised(task.id)
 

@@ -1,8 +1,9 @@
 """``Store``: tasks and executions in SQLite. The store is the queue.
 
-Claiming the next task is one ``UPDATE … RETURNING`` statement, so two claimers can never take the
-same task. The connection runs in autocommit mode; multi-statement changes use explicit
-``BEGIN IMMEDIATE`` transactions so a task and its execution always change together.
+Claiming the next task is one ``BEGIN IMMEDIATE`` transaction (pick, mark running, open the
+execution), so two claimers, even two daemons on one file, never take the same task. The
+connection runs in autocommit mode; multi-statement changes run as one transaction on
+aiosqlite's thread, so a task and its execution always change together.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -22,6 +23,8 @@ from corral.models import ExecStatus, Execution, Task, TaskState
 from corral.storage.migrations import migrate
 
 Clock = Callable[[], float]
+# (the classifier's choice, free slots per agent) -> the agent a task runs on
+Balancer = Callable[[str | None, Mapping[str, int]], str]
 T = TypeVar("T")
 
 _TASK_COLS = (
@@ -199,27 +202,55 @@ class Store:
             )
         return [_task(r) for r in rows]
 
-    async def claim_next(self, *, pinned_agents: Iterable[str], any_agent: bool) -> Task | None:
-        """Atomically move the best ready task to ``running`` and count the attempt.
+    async def claim(
+        self, free: Mapping[str, int], balance: Balancer, executions_dir: Path
+    ) -> tuple[Task, Execution] | None:
+        """Atomically take the best ready task and open its execution, in one transaction.
 
-        ``pinned_agents``: agents with a free slot, for tasks pinned to one agent.
-        ``any_agent``: whether some agent is free, for tasks the balancer may place anywhere.
-        Only classified tasks (``agent`` set) are claimable; priority first, then age.
+        ``free`` holds the agents with a free slot. Pinned tasks are claimable only for those
+        agents, so a saturated agent never holds back another's work; an unpinned task goes
+        where ``balance(classifier_choice, free)`` says. Priority first, then age. The task
+        moves to ``running`` with the attempt counted, and a ``running`` execution is created.
         """
-        agents = sorted(set(pinned_agents))
-        if not agents and not any_agent:
+        agents = sorted(a for a, n in free.items() if n > 0)
+        if not agents:
             return None
         now = self._clock()
-        marks = ",".join("?" * len(agents)) or "NULL"
-        row = await self._one(
-            "UPDATE tasks SET state = 'running', attempts = attempts + 1, updated_at = ?"
-            " WHERE id = (SELECT id FROM tasks WHERE state = 'queued' AND run_after <= ?"
-            " AND agent IS NOT NULL"
-            f" AND ((pinned = 1 AND agent IN ({marks})) OR (pinned = 0 AND ?))"
-            f" ORDER BY priority DESC, id LIMIT 1) RETURNING {_TASK_COLS}",
-            (now, now, *agents, int(any_agent)),
-        )
-        return None if row is None else _task(row)
+        marks = ",".join("?" * len(agents))
+
+        def claim(c: sqlite3.Connection) -> tuple[Task, Execution] | None:
+            with _transaction(c):
+                row = c.execute(
+                    f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= ?"
+                    f" AND agent IS NOT NULL AND (pinned = 0 OR agent IN ({marks}))"
+                    " ORDER BY priority DESC, id LIMIT 1",
+                    (now, *agents),
+                ).fetchone()
+                if row is None:
+                    return None
+                task = _task(row)
+                chosen = task.agent if task.pinned else balance(task.agent, free)
+                if chosen != task.agent:
+                    task.classifier_reason = f"{task.classifier_reason}; balanced to {chosen}"
+                    task.agent = chosen
+                task.state = TaskState.RUNNING
+                task.attempts += 1
+                c.execute(
+                    "UPDATE tasks SET state = 'running', attempts = ?, agent = ?,"
+                    " classifier_reason = ?, updated_at = ? WHERE id = ? AND state = 'queued'",
+                    (task.attempts, task.agent, task.classifier_reason, now, task.id),
+                )
+                execution = _execution(c.execute(
+                    "INSERT INTO executions (task_id, agent, model, status, started_at)"
+                    f" VALUES (?, ?, ?, 'running', ?) RETURNING {_EXEC_COLS}",
+                    (task.id, task.agent, task.model, now),
+                ).fetchall()[0])
+                execution.log_path = str(executions_dir / str(execution.id))
+                c.execute("UPDATE executions SET log_path = ? WHERE id = ?",
+                          (execution.log_path, execution.id))
+            return task, execution
+
+        return await self._in_db(claim)
 
     async def next_ready_at(self) -> float | None:
         """When the earliest delayed queued task becomes ready, if any is delayed."""
@@ -276,27 +307,6 @@ class Store:
         return await self.get_task(task_id)
 
     # -- executions ----------------------------------------------------------------------------
-
-    async def start_execution(
-        self, task_id: int, *, agent: str, model: str | None, executions_dir: Path
-    ) -> Execution:
-        started = self._clock()
-
-        def insert(c: sqlite3.Connection) -> Execution:
-            with _transaction(c):
-                row = c.execute(
-                    "INSERT INTO executions (task_id, agent, model, status, started_at)"
-                    f" VALUES (?, ?, ?, 'running', ?) RETURNING {_EXEC_COLS}",
-                    (task_id, agent, model, started),
-                ).fetchone()
-                execution = _execution(row)
-                execution.log_path = str(executions_dir / str(execution.id))
-                c.execute("UPDATE executions SET log_path = ? WHERE id = ?",
-                          (execution.log_path, execution.id))
-            return execution
-
-        execution = await self._in_db(insert)
-        return execution
 
     async def set_execution_pgid(self, execution_id: int, pgid: int | None) -> None:
         await self._write("UPDATE executions SET pgid = ? WHERE id = ?", (pgid, execution_id))
