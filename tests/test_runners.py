@@ -75,7 +75,7 @@ async def test_local_runner_writes_envelope_live(tmp_path: Path, fake_openai: Ma
     assert kinds == ["system", "stream_event", "stream_event", "stream_event", "assistant",
                      "result"]
     assert summarize(events).tokens_in == 9
-    assert (tmp_path / "exec" / "stderr.log").exists()
+    assert not (tmp_path / "exec" / "stderr.log").exists()  # no child process, no stderr
 
 
 async def test_local_runner_failure_mid_stream_keeps_partial(

@@ -12,7 +12,7 @@ import uuid
 
 from corral.errors import LLMError, RateLimitError
 from corral.executor.changes import git_base, git_changestat
-from corral.executor.runner import RunRequest, RunResult, RunStatus, open_logs
+from corral.executor.runner import RunRequest, RunResult, RunStatus, open_envelope
 from corral.executor.streamjson import EnvelopeWriter, trim
 from corral.llm.client import ChatRequest, ChatResponse, Client, Message
 
@@ -44,8 +44,8 @@ class LocalRunner:
         session_id = str(uuid.uuid4())
         base = await git_base(request.workdir)
         started = time.monotonic()
-        writer, stderr = await open_logs(request)
-        with writer, stderr:
+        writer = await open_envelope(request)
+        with writer:
             writer.init(session_id=session_id, model=model,
                         cwd=str(request.workdir) if request.workdir else None,
                         source="local", endpoint=self.client.endpoint)

@@ -79,15 +79,24 @@ async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
     """
 
     def make() -> tuple[EnvelopeWriter, BinaryIO]:
-        request.exec_dir.mkdir(parents=True, exist_ok=True)
-        stderr = request.stderr_path.open("ab")
+        writer = _make_writer(request)
         try:
-            return EnvelopeWriter(request.stdout_path), stderr
+            return writer, request.stderr_path.open("ab")
         except BaseException:
-            stderr.close()
+            writer.close()
             raise
 
     return await asyncio.to_thread(make)
+
+
+async def open_envelope(request: RunRequest) -> EnvelopeWriter:
+    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``."""
+    return await asyncio.to_thread(_make_writer, request)
+
+
+def _make_writer(request: RunRequest) -> EnvelopeWriter:
+    request.exec_dir.mkdir(parents=True, exist_ok=True)
+    return EnvelopeWriter(request.stdout_path)
 
 
 class Runner(Protocol):
