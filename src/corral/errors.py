@@ -1,8 +1,9 @@
 """The one exception hierarchy of corral.
 
 Every failure is a :class:`CorralError` carrying a machine-readable ``code`` and a readable
-``message``; subclasses add structured fields (a rate limit carries ``retry_after_s``). Control-flow
-signals (shutdown) are kept apart from failures: they do not derive from ``CorralError``.
+``message``; subclasses add structured fields (a rate limit carries ``retry_after_s``). Control
+flow is not an error: shutdown is an ``asyncio.Event`` set by the signal handlers, and stopping a
+run is ``asyncio`` cancellation.
 """
 
 from __future__ import annotations
@@ -90,13 +91,3 @@ class StreamError(LLMError):
     """A stream broke, carried an error, or ended early; ``partial_content`` keeps what came."""
 
     code = "stream_error"
-
-
-class RunnerError(CorralError):
-    """A runner could not start or finish its agent (missing binary, bad exit, bad output)."""
-
-    code = "runner_error"
-
-
-class ShutdownSignal(BaseException):
-    """Control flow: the daemon is stopping. Not a failure, so not a CorralError."""
