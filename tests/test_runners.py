@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +26,7 @@ from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
 
 MakeFake = Callable[[], Awaitable[FakeOpenAI]]
+R = TypeVar("R", ClaudeRunner, GeminiRunner)
 
 
 def request(tmp_path: Path, prompt: str = "say hi", **kw: object) -> RunRequest:
@@ -145,11 +147,15 @@ async def test_local_runner_real_llama(tmp_path: Path, llama_server: str) -> Non
 # -- ClaudeRunner ------------------------------------------------------------------------------
 
 
+def cli_runner(cls: type[R], binary: Path, model: str, env: dict[str, str], **kw: object) -> R:
+    """A runner for the real CLI at ``binary``, with test-sized timeouts unless ``kw`` says."""
+    settings: dict[str, object] = {"binary": str(binary), "model": model, "extra_args": [],
+                                   "timeout_s": 60.0, "kill_grace_s": 1.0, **kw}
+    return cls(env=env, **settings)  # type: ignore[arg-type]
+
+
 def claude(env: dict[str, str], **kw: object) -> ClaudeRunner:
-    defaults: dict[str, object] = {"binary": str(peers.claude_bin()), "model": "claude-sonnet-4-5",
-                                   "extra_args": [], "timeout_s": 60.0, "kill_grace_s": 1.0}
-    defaults.update(kw)
-    return ClaudeRunner(env=env, **defaults)  # type: ignore[arg-type]
+    return cli_runner(ClaudeRunner, peers.claude_bin(), "claude-sonnet-4-5", env, **kw)
 
 
 @pytest.mark.real
@@ -246,10 +252,7 @@ async def test_claude_api_key_warning_and_strip(caplog: pytest.LogCaptureFixture
 
 
 def gemini(env: dict[str, str], **kw: object) -> GeminiRunner:
-    defaults: dict[str, object] = {"binary": str(peers.gemini_bin()), "model": "gemini-2.5-flash",
-                                   "extra_args": [], "timeout_s": 60.0, "kill_grace_s": 1.0}
-    defaults.update(kw)
-    return GeminiRunner(env=env, **defaults)  # type: ignore[arg-type]
+    return cli_runner(GeminiRunner, peers.gemini_bin(), "gemini-2.5-flash", env, **kw)
 
 
 @pytest.mark.real
