@@ -106,3 +106,14 @@ def test_balance_prefers_free_capacity_then_the_classifier() -> None:
     assert balance("claude", {"claude": 1, "local": 3}) == "local"
     assert balance("claude", {"claude": 2, "local": 2}) == "claude"
     assert balance(None, {"gemini": 2, "local": 2}) == "gemini"
+
+
+async def test_tasks_pinned_to_a_vanished_agent_go_back_to_the_classifier(store: Store) -> None:
+    stranded = await store.create_task("x", agent="claude", pinned=True)
+    kept = await store.create_task("y", agent="local", pinned=True)
+    assert await store.unpin_unavailable(["local", "gemini"]) == 1
+    again = await store.get_task(stranded.id)
+    assert (again.pinned, again.agent) == (False, None)
+    assert again.classifier_reason == "pinned to claude, which is no longer registered"
+    assert [t.id for t in await store.unclassified()] == [stranded.id]
+    assert (await store.get_task(kept.id)).pinned

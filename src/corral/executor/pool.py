@@ -127,6 +127,7 @@ class Pool:
     async def start(self) -> None:
         self.executions_dir.mkdir(parents=True, exist_ok=True)
         self._accepting = True
+        await self.store.unpin_unavailable(self.agents)
         for task in await self.store.unclassified():
             self._classify_later(task)
         ready_at = await self.store.next_ready_at()

@@ -260,6 +260,20 @@ class Store:
         )
         return None if row is None or row[0] is None else float(row[0])
 
+    async def unpin_unavailable(self, registered: Iterable[str]) -> int:
+        """Queued tasks pinned to an agent that is no longer registered go back to the classifier.
+
+        Otherwise a config change (say, the claude CLI uninstalled) would strand them forever.
+        """
+        agents = sorted(set(registered))
+        marks = ",".join("?" * len(agents)) or "NULL"
+        return await self._write(
+            "UPDATE tasks SET pinned = 0, agent = NULL, updated_at = ?,"
+            " classifier_reason = 'pinned to ' || agent || ', which is no longer registered'"
+            f" WHERE state = 'queued' AND pinned = 1 AND agent NOT IN ({marks})",
+            (self._clock(), *agents),
+        )
+
     async def unclassified(self) -> list[Task]:
         rows = await self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND agent IS NULL ORDER BY id"
