@@ -227,3 +227,22 @@ async def test_flood_of_1000_concurrent_submits(
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def test_second_daemon_on_the_same_data_dir_is_refused(
+    make_settings: Callable[..., Any], fake_openai: MakeFake, socket_path: Callable[[], Path],
+) -> None:
+    from corral.config import DaemonSettings, LocalModelSettings
+    from corral.daemon import DataDirInUse, running_daemon
+
+    fake = await fake_openai()
+    first = make_settings(local_model=LocalModelSettings(endpoint=fake.endpoint, model="m"))
+    second = first.model_copy(update={"daemon": DaemonSettings(
+        socket_path=socket_path(), data_dir=first.daemon.data_dir)})
+    async with running_daemon(first, {}):
+        with pytest.raises(DataDirInUse, match="already using"):
+            async with running_daemon(second, {}):
+                pass
+        assert first.daemon.socket_path.exists()
+    async with running_daemon(second, {}):  # free again once the first one stopped
+        pass

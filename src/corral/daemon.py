@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -61,6 +62,25 @@ def prepare_socket(path: Path) -> None:
     finally:
         probe.close()
     raise SocketInUse(f"another corral daemon is already serving on {path}")
+
+
+class DataDirInUse(ConfigError):
+    code = "data_dir_in_use"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data folder for the daemon's life.
+
+    A second daemon on the same database would take the first one's running executions for
+    leftovers of a crash and requeue them; the lock makes it refuse to start instead.
+    """
+    fd = os.open(data_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(f"another corral daemon is already using {data_dir}") from None
+    return fd
 
 
 @dataclass(slots=True)
@@ -161,6 +181,7 @@ async def running_daemon(
     if not agents.runners:
         log.warning("no agent is available: %s", agents.unavailable)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(os.close, lock_data_dir(data_dir))  # released last, after the store
         store = await stack.enter_async_context(
             Store(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous)
         )
