@@ -80,12 +80,13 @@ class LocalRunner:
         response: ChatResponse, model: str,
     ) -> RunResult:
         usage = _usage(response)
-        writer.assistant(message_id=f"msg_{uuid.uuid4().hex[:24]}",
-                         model=response.model or model, session_id=session_id,
-                         content=[{"type": "text", "text": response.content}], usage=usage)
-        writer.result(is_error=False, result=response.content, session_id=session_id,
-                      duration_ms=_ms(started), usage=usage, total_cost_usd=0.0,
-                      stop_reason=response.finish_reason)
+        with writer.together():
+            writer.assistant(message_id=f"msg_{uuid.uuid4().hex[:24]}",
+                             model=model or response.model, session_id=session_id,
+                             content=[{"type": "text", "text": response.content}], usage=usage)
+            writer.result(is_error=False, result=response.content, session_id=session_id,
+                          duration_ms=_ms(started), usage=usage, total_cost_usd=0.0,
+                          stop_reason=response.finish_reason)
         return RunResult(
             status=RunStatus.SUCCEEDED, summary=trim(response.content), cost_usd=0.0,
             tokens_in=response.prompt_tokens, tokens_out=response.output_tokens,

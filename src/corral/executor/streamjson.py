@@ -8,6 +8,7 @@ unknown event types, blank or partial lines, and a missing terminator (a crash m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ class EnvelopeWriter:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._parts: list[str] = []
+        self._held: list[bytes] | None = None
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -54,7 +56,21 @@ class EnvelopeWriter:
         """Write one already-encoded JSON line (a CLI's own output, kept byte for byte)."""
         if not line.endswith(b"\n"):
             line += b"\n"
-        os.write(self._fd, line)
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            os.write(self._fd, line)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Lines written inside the block reach the file in one write, as one unit."""
+        self._held = []
+        try:
+            yield
+        finally:
+            lines, self._held = self._held, None
+            if lines:
+                os.write(self._fd, b"".join(lines))
 
     def event(self, event: dict[str, Any]) -> None:
         self.write_line(json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode())
