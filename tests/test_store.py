@@ -117,3 +117,22 @@ async def test_tasks_pinned_to_a_vanished_agent_go_back_to_the_classifier(store:
     assert again.classifier_reason == "pinned to claude, which is no longer registered"
     assert [t.id for t in await store.unclassified()] == [stranded.id]
     assert (await store.get_task(kept.id)).pinned
+
+
+async def test_group_commit_keeps_every_write_and_isolates_a_bad_one(store: Store) -> None:
+    import asyncio
+    import sqlite3
+
+    def bad(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO no_such_table VALUES (1)")
+
+    results = await asyncio.gather(
+        *(store.create_task(f"burst {n}") for n in range(50)),
+        store._group.write(bad),
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], sqlite3.OperationalError)
+    created = [r for r in results[:-1] if not isinstance(r, BaseException)]
+    assert len(created) == 50
+    stored = await store.list_tasks(limit=100)
+    assert sorted(t.prompt for t in stored) == sorted(f"burst {n}" for n in range(50))

@@ -8,10 +8,12 @@ aiosqlite's thread, so a task and its execution always change together.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -37,6 +39,11 @@ _EXEC_COLS = (
     " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
     " log_path, pgid"
 )
+_INSERT_TASK = (
+    "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
+    " classifier_reason, workdir, priority, max_retries, timeout_s, state, created_at,"
+    f" updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?) RETURNING {_TASK_COLS}"
+)
 EXEC_RESULT_FIELDS = frozenset({
     "status", "finished_at", "exit_code", "error", "session_id", "summary", "cost_usd",
     "tokens_in", "tokens_out", "files_changed", "insertions", "deletions", "pgid", "model",
@@ -55,6 +62,59 @@ def _transaction(c: sqlite3.Connection) -> Iterator[None]:
         c.execute("ROLLBACK")
         raise
     c.execute("COMMIT")
+
+
+def _run_all(fns: list[Callable[[sqlite3.Connection], Any]], c: sqlite3.Connection) -> list[Any]:
+    with _transaction(c):
+        return [fn(c) for fn in fns]
+
+
+class _GroupCommit:
+    """Writes that arrive while a commit is in flight share the next transaction.
+
+    Each caller hears back only after the COMMIT, so what it was told is durable. A burst of
+    submissions or of finished attempts then costs one thread hop and one commit, not one each.
+    If a shared transaction fails, its writes are retried one by one, so one bad write cannot
+    sink the others.
+    """
+
+    def __init__(self, run: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]):
+        self._run = run
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="corral-group-commit")
+        return await future
+
+    async def idle(self) -> None:
+        if self._drainer is not None:
+            await asyncio.shield(self._drainer)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            fns = [fn for fn, _ in batch]
+            try:
+                results = [(True, r) for r in await self._run(partial(_run_all, fns))]
+            except Exception:
+                results = [await self._alone(fn) for fn, _ in batch]
+            for (_, future), (ok, value) in zip(batch, results, strict=True):
+                if future.done():  # the caller stopped waiting; the write happened anyway
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    async def _alone(self, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+        try:
+            return True, (await self._run(partial(_run_all, [fn])))[0]
+        except Exception as exc:
+            return False, exc
 
 
 def _task(row: Sequence[Any]) -> Task:
@@ -95,6 +155,7 @@ class Store:
         self._clock = clock
         self._migrate_upto = migrate_upto
         self._conn: aiosqlite.Connection | None = None
+        self._group = _GroupCommit(self._in_db)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -122,6 +183,7 @@ class Store:
         self._conn = conn
 
     async def close(self) -> None:
+        await self._group.idle()  # what callers were promised is committed first
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
@@ -172,14 +234,11 @@ class Store:
         timeout_s: float | None = None,
     ) -> Task:
         now = self._clock()
-        row = await self._one(
-            "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
-            " classifier_reason, workdir, priority, max_retries, timeout_s, state, created_at,"
-            f" updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?) RETURNING {_TASK_COLS}",
-            (prompt, requested_agent, requested_model, agent, model, int(pinned),
-             classifier_reason, workdir, priority, max_retries, timeout_s, now, now),
+        values = (prompt, requested_agent, requested_model, agent, model, int(pinned),
+                  classifier_reason, workdir, priority, max_retries, timeout_s, now, now)
+        return await self._group.write(
+            lambda c: _task(c.execute(_INSERT_TASK, values).fetchall()[0])
         )
-        return _task(row)
 
     async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task:
         row = await self._one(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,))
@@ -343,12 +402,11 @@ class Store:
         task_sql = self._task_update(task_id, task)
 
         def write(c: sqlite3.Connection) -> None:
-            with _transaction(c):
-                c.execute(f"UPDATE executions SET {sets} WHERE id = ?",
-                          (*values.values(), execution_id))
-                c.execute(*task_sql)
+            c.execute(f"UPDATE executions SET {sets} WHERE id = ?",
+                      (*values.values(), execution_id))
+            c.execute(*task_sql)
 
-        await self._in_db(write)
+        await self._group.write(write)
 
     async def get_execution(self, execution_id: int) -> Execution:
         row = await self._one(f"SELECT {_EXEC_COLS} FROM executions WHERE id = ?", (execution_id,))
