@@ -164,12 +164,13 @@ class Settings(BaseSettings):
         for section in ("claude", "gemini"):
             env = data[section]["env"]
             for key in env:
-                if _looks_secret(key):
+                if looks_secret(key):
                     env[key] = "***"
         return data
 
 
-def _looks_secret(name: str) -> bool:
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name says its value is a secret."""
     upper = name.upper()
     return any(word in upper for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))
 

@@ -9,7 +9,6 @@ the configured default agent. Every decision carries the reason it was made.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.errors import LLMError
-from corral.executor.proc import resolve_binary
+from corral.executor.proc import kill_group, resolve_binary
 from corral.llm.client import ChatRequest, Client, Message
 
 log = logging.getLogger(__name__)
@@ -145,9 +144,8 @@ class Classifier:
         try:
             out, _ = await proc.communicate()
         finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            if proc.returncode is None:  # timed out: end the CLI and everything it started
+                kill_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
         if proc.returncode != 0:
             raise OSError(f"gemini exited with code {proc.returncode}")

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import BinaryIO
 
+from corral.config import looks_secret
 from corral.executor.changes import git_base, git_changestat
 from corral.executor.proc import LineHandler, ProcOutcome, resolve_binary, run_agent_process
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_logs
@@ -68,7 +69,7 @@ class CliRunner(ABC):
 
     def secrets(self) -> list[str]:
         """Values in the child's environment that must never reach a log."""
-        return [v for k, v in self.child_env().items() if _looks_secret(k) and v]
+        return [v for k, v in self.child_env().items() if looks_secret(k) and v]
 
     @abstractmethod
     def handler(
@@ -123,11 +124,6 @@ class CliRunner(ABC):
         writer.result(is_error=True, result=message, session_id=None, duration_ms=0,
                       usage={}, total_cost_usd=None, num_turns=0, error=message)
         return RunResult(status=RunStatus.FAILED, error=message)
-
-
-def _looks_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(word in upper for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))
 
 
 def _write_end(writer: EnvelopeWriter, reason: str, started: float) -> None:
