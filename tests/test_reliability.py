@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import random
 import signal
 import sqlite3
@@ -224,9 +223,6 @@ async def test_flood_of_1000_concurrent_submits(
 
         await until(all_done, timeout_s=120, every_s=0.2)
 
-
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 async def test_second_daemon_on_the_same_data_dir_is_refused(
