@@ -77,6 +77,29 @@ async def test_claim_order_priority_then_age_and_agent_filter(
     assert (await store.get_task(unclassified.id)).state == TaskState.QUEUED
 
 
+async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
+    store: Store, tmp_path: Path
+) -> None:
+    local = [await store.create_task(f"l{i}", agent="local", pinned=True) for i in range(5)]
+    claude = [await store.create_task(f"c{i}", agent="claude", pinned=True) for i in range(3)]
+    auto = await store.create_task("auto", agent="claude", classifier_reason="pick claude",
+                                   priority=1)
+    claimed = await store.claim_many({"local": 3, "claude": 1}, balance, tmp_path, limit=10)
+    by_agent: dict[str, list[int]] = {}
+    for task, execution in claimed:
+        by_agent.setdefault(task.agent or "", []).append(task.id)
+        assert execution.task_id == task.id and execution.agent == task.agent
+        assert execution.log_path == str(tmp_path / str(execution.id))
+        assert (await store.get_execution(execution.id)).log_path == execution.log_path
+    # The unpinned task went first (priority) to the freest agent, so only two pinned local
+    # tasks fit; a full agent's pinned tasks wait while the other agent's still get claimed.
+    assert by_agent == {"local": [auto.id, local[0].id, local[1].id], "claude": [claude[0].id]}
+    assert len({e.id for _, e in claimed}) == 4
+    rest = await store.claim_many({"local": 9, "claude": 9}, balance, tmp_path, limit=2)
+    assert [t.id for t, _ in rest] == [local[2].id, local[3].id]
+    assert await store.claim_many({"local": 0}, balance, tmp_path, limit=5) == []
+
+
 async def test_recover_interrupted(tmp_path: Path) -> None:
     async with Store(tmp_path / "r.db") as store:
         again = await store.create_task("again", agent="local", pinned=True, max_retries=1)

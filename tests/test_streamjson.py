@@ -6,16 +6,20 @@ import asyncio
 import json
 import os
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from corral.executor.changes import git_base, git_changestat
+from corral.executor.runner import RunRequest, open_envelope, prepare_exec_dirs
 from corral.executor.streamjson import (
     ChangeStat,
     EnvelopeWriter,
     extract_summary,
+    new_message_id,
+    new_session_id,
     parse_changestat,
     read_events,
     summarize,
@@ -115,3 +119,24 @@ async def test_git_measures_added_changed_and_deleted(tmp_path: Path) -> None:
 async def test_git_base_outside_a_repo(tmp_path: Path) -> None:
     assert await git_base(tmp_path) is None
     assert await git_base(None) is None
+
+
+async def test_prepared_folders_are_opened_and_missing_ones_made(tmp_path: Path) -> None:
+    ready, missing = tmp_path / "exec" / "1", tmp_path / "exec" / "2"
+    blocked = tmp_path / "file" / "3"
+    (tmp_path / "file").write_text("not a folder")
+    prepare_exec_dirs([ready, blocked])  # a folder it cannot make is left to the runner
+    assert (ready / "stdout.log").read_bytes() == b"" and not missing.exists()
+    for exec_dir in (ready, missing):
+        with await open_envelope(RunRequest(prompt="p", exec_dir=exec_dir)) as writer:
+            writer.init(session_id=new_session_id(), model="m", cwd=None)
+        assert [e["type"] for e in read_events(exec_dir / "stdout.log")] == ["system"]
+    with pytest.raises(NotADirectoryError):
+        await open_envelope(RunRequest(prompt="p", exec_dir=blocked))
+
+
+def test_ids_look_like_their_kinds() -> None:
+    session_ids = {new_session_id() for _ in range(100)}
+    assert len(session_ids) == 100
+    assert all(uuid.UUID(s).version == 4 for s in session_ids)
+    assert all(len(m) == 28 and m.startswith("msg_") for m in (new_message_id(),))

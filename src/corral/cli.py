@@ -19,6 +19,9 @@ from corral.render import render_log, task_detail, task_table
 from corral.server.client import ApiError, CorralClient, DaemonUnreachable
 
 if TYPE_CHECKING:  # the client commands never load pydantic
+    import asyncio
+    from collections.abc import Callable
+
     from corral.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -54,10 +57,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.daemon.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.daemon.event_loop)) as runner:
+            return runner.run(serve(settings))
     except ConfigError as exc:
         print(f"corral: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked or, for "auto", when installed; None means asyncio's own loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("corral: event_loop is uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -35,6 +35,8 @@ class DaemonSettings(_Section):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # NORMAL in WAL mode survives a killed daemon; FULL also survives power loss.
     sqlite_synchronous: str = "NORMAL"
+    # "auto": uvloop when it is installed, else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @field_validator("log_level")
     @classmethod

@@ -9,13 +9,17 @@ case where the CLI retries silently and only its stderr shows ``status: 429``.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, BinaryIO
 
 from corral.executor.clibase import CliHandler, CliRunner
 from corral.executor.proc import ProcOutcome, Stop
 from corral.executor.runner import RunRequest, RunResult, RunStatus
-from corral.executor.streamjson import EnvelopeWriter, parse_line, trim
+from corral.executor.streamjson import (
+    EnvelopeWriter,
+    new_message_id,
+    parse_line,
+    trim,
+)
 from corral.retry import retry_after_from_text
 
 EXIT_CODES = {
@@ -70,7 +74,7 @@ class _GeminiHandler(CliHandler):
         self.model = model
         self.cwd = cwd
         self.session_id: str | None = None
-        self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.message_id = new_message_id()
         self.errors: list[str] = []
         self.result_event: dict[str, Any] | None = None
         self.tokens_in: int | None = None
@@ -108,7 +112,7 @@ class _GeminiHandler(CliHandler):
     def _tool_use(self, event: dict[str, Any]) -> None:
         self._flush_text()
         self.w.assistant(
-            message_id=f"msg_{uuid.uuid4().hex[:24]}", model=self.model, session_id=self.session_id,
+            message_id=new_message_id(), model=self.model, session_id=self.session_id,
             content=[{"type": "tool_use", "id": event.get("tool_id"),
                       "name": event.get("tool_name"), "input": event.get("parameters") or {}}],
         )
@@ -155,7 +159,7 @@ class _GeminiHandler(CliHandler):
         self._final_text += text
         self.w.assistant(message_id=self.message_id, model=self.model, session_id=self.session_id,
                          content=[{"type": "text", "text": text}])
-        self.message_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.message_id = new_message_id()
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)

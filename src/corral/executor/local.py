@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from corral.errors import LLMError, RateLimitError
 from corral.executor.changes import git_base, git_changestat
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_envelope
-from corral.executor.streamjson import EnvelopeWriter, trim
+from corral.executor.streamjson import EnvelopeWriter, new_message_id, new_session_id, trim
 from corral.llm.client import ChatRequest, ChatResponse, Client, Message
 
 
@@ -41,7 +40,7 @@ class LocalRunner:
     async def run(self, request: RunRequest) -> RunResult:
         model = request.model or self.client.model
         timeout_s = request.timeout_s or self.timeout_s
-        session_id = str(uuid.uuid4())
+        session_id = new_session_id()
         base = await git_base(request.workdir)
         started = time.monotonic()
         writer = await open_envelope(request)
@@ -81,7 +80,7 @@ class LocalRunner:
     ) -> RunResult:
         usage = _usage(response)
         with writer.together():
-            writer.assistant(message_id=f"msg_{uuid.uuid4().hex[:24]}",
+            writer.assistant(message_id=new_message_id(),
                              model=model or response.model, session_id=session_id,
                              content=[{"type": "text", "text": response.content}], usage=usage)
             writer.result(is_error=False, result=response.content, session_id=session_id,

@@ -18,6 +18,7 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +27,7 @@ from typing import Any, Self
 from corral.config import PoolSettings
 from corral.errors import BadRequest, Conflict, ShuttingDown
 from corral.executor.classifier import Classifier
-from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus
+from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus, prepare_exec_dirs
 from corral.models import AUTO, KNOWN_AGENTS, ExecStatus, Execution, Task, TaskState
 from corral.retry import backoff_delay
 from corral.storage.store import Store
@@ -108,6 +109,8 @@ class Pool:
         self._classify_sem = asyncio.Semaphore(CLASSIFY_CONCURRENCY)
         self._classifying: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
+        # One thread makes execution folders, so a slow disk never stalls the event loop.
+        self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self._accepting = False
         self._shutdown: asyncio.Task[None] | None = None
         # When delayed retries become ready: kept here so dispatching needs no query for it.
@@ -163,6 +166,7 @@ class Pool:
                     job.cancel_reason = "shutdown"
                     job.worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self._files.shutdown(wait=False)
 
     @property
     def accepting(self) -> bool:
@@ -312,19 +316,29 @@ class Pool:
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _fill(self) -> float:
-        """Start as many ready tasks as slots allow; return how long to sleep at most."""
-        while len(self._jobs) < self.settings.max_workers:
+        """Start as many ready tasks as slots allow; return how long to sleep at most.
+
+        One transaction claims a whole batch, and one hop to the file thread makes the batch's
+        execution folders: a burst of work costs a few thread hops, not a few per task.
+        """
+        while (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
             free = {a.name: a.free(now) for a in self.agents.values() if a.free(now) > 0}
-            claimed = await self.store.claim(free, balance, self.executions_dir)
-            if claimed is None:
+            claimed = await self.store.claim_many(free, balance, self.executions_dir, limit=room)
+            if not claimed:
                 break
-            task, execution = claimed
-            slot = self.agents[task.agent or ""]
-            job = _Job(task, slot, execution)
-            self._jobs[task.id] = job
-            slot.running += 1
-            job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
+            folders = [Path(execution.log_path or "") for _, execution in claimed]
+            ready = asyncio.get_running_loop().run_in_executor(
+                self._files, prepare_exec_dirs, folders)
+            for task, execution in claimed:
+                slot = self.agents[task.agent or ""]
+                job = _Job(task, slot, execution)
+                self._jobs[task.id] = job
+                slot.running += 1
+                job.worker = asyncio.create_task(self._run(job, ready),
+                                                 name=f"corral-task-{task.id}")
+            if len(claimed) < room:
+                break
         return self._next_wake_delay()
 
     def _next_wake_delay(self) -> float:
@@ -340,7 +354,7 @@ class Pool:
 
     # -- running one attempt --------------------------------------------------------------------
 
-    async def _run(self, job: _Job) -> None:
+    async def _run(self, job: _Job, folders_ready: asyncio.Future[None]) -> None:
         task, slot, execution = job.task, job.agent, job.execution
         try:
             request = RunRequest(
@@ -349,6 +363,10 @@ class Pool:
                 on_pgid=_pgid_recorder(self.store, execution.id),
             )
             try:
+                # Shielded: the batch shares this future, and one task's cancellation must
+                # not cancel it for the others.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(folders_ready)
                 result = await slot.runner.run(request)
             except asyncio.CancelledError:
                 await asyncio.shield(self._record_cancel(job, execution))

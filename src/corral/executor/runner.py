@@ -9,8 +9,10 @@ agent (process group or HTTP stream) before letting ``CancelledError`` through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -90,8 +92,27 @@ async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
 
 
 async def open_envelope(request: RunRequest) -> EnvelopeWriter:
-    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``."""
-    return await asyncio.to_thread(_make_writer, request)
+    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``.
+
+    When the pool has already made the folder and ``stdout.log`` (:func:`prepare_exec_dirs`),
+    opening an existing file is cheap enough for the event loop, and saves a thread hop.
+    """
+    try:
+        return EnvelopeWriter(request.stdout_path, create=False)
+    except FileNotFoundError:
+        return await asyncio.to_thread(_make_writer, request)
+
+
+def prepare_exec_dirs(exec_dirs: Iterable[Path]) -> None:
+    """Make each execution's folder and an empty ``stdout.log`` (blocking: call in a thread).
+
+    Best effort: a folder that cannot be made here is made, or its error reported, by the
+    runner when it opens its logs.
+    """
+    for exec_dir in exec_dirs:
+        with contextlib.suppress(OSError):
+            exec_dir.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(exec_dir / "stdout.log", os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def _make_writer(request: RunRequest) -> EnvelopeWriter:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,16 @@ _CHANGESTAT = re.compile(
 )
 
 
+def new_session_id() -> str:
+    """A random UUID4 string. Not for secrets: it comes from ``random``, which costs no syscall."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+
+
+def new_message_id() -> str:
+    """An Anthropic-style message id, ``msg_`` and 24 hex digits."""
+    return f"msg_{random.getrandbits(96):024x}"
+
+
 class EnvelopeWriter:
     """Appends envelope events to a file, one JSON line per write, unbuffered.
 
@@ -31,9 +43,10 @@ class EnvelopeWriter:
     The writer also keeps the text streamed so far, so a failure can keep the partial answer.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+        self._fd = os.open(path, flags, 0o600)
         self._parts: list[str] = []
         self._held: list[bytes] | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -135,6 +136,49 @@ def _execution(row: Sequence[Any]) -> Execution:
         files_changed=row[14], insertions=row[15], deletions=row[16], log_path=row[17],
         pgid=row[18],
     )
+
+
+_NEXT_EXEC_ID = "(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'executions'), 0) + 1)"
+_INSERT_EXEC = (
+    "INSERT INTO executions (id, task_id, agent, model, status, started_at, log_path)"
+    f" VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ? || {_NEXT_EXEC_ID})"
+    f" RETURNING {_EXEC_COLS}"
+)
+
+
+def _claim_one(
+    c: sqlite3.Connection, slots: dict[str, int], balance: Balancer, now: float, log_prefix: str
+) -> tuple[Task, Execution] | None:
+    """One claim inside an open transaction; takes a slot from ``slots``."""
+    agents = sorted(slots)
+    row = c.execute(
+        f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= ?"
+        f" AND agent IS NOT NULL AND (pinned = 0 OR agent IN ({','.join('?' * len(agents))}))"
+        " ORDER BY priority DESC, id LIMIT 1",
+        (now, *agents),
+    ).fetchone()
+    if row is None:
+        return None
+    task = _task(row)
+    chosen = str(task.agent) if task.pinned else balance(task.agent, slots)
+    if chosen != task.agent:
+        task.classifier_reason = f"{task.classifier_reason}; balanced to {chosen}"
+        task.agent = chosen
+    task.state = TaskState.RUNNING
+    task.attempts += 1
+    c.execute(
+        "UPDATE tasks SET state = 'running', attempts = ?, agent = ?,"
+        " classifier_reason = ?, updated_at = ? WHERE id = ? AND state = 'queued'",
+        (task.attempts, task.agent, task.classifier_reason, now, task.id),
+    )
+    # The id is chosen in the statement so the log path needs no second write.
+    execution = _execution(
+        c.execute(_INSERT_EXEC, (task.id, task.agent, task.model, now, log_prefix)).fetchall()[0]
+    )
+    slots[chosen] -= 1
+    if slots[chosen] <= 0:
+        del slots[chosen]
+    return task, execution
 
 
 class Store:
@@ -264,50 +308,36 @@ class Store:
     async def claim(
         self, free: Mapping[str, int], balance: Balancer, executions_dir: Path
     ) -> tuple[Task, Execution] | None:
-        """Atomically take the best ready task and open its execution, in one transaction.
+        """:meth:`claim_many` for one task."""
+        claimed = await self.claim_many(free, balance, executions_dir, limit=1)
+        return claimed[0] if claimed else None
 
-        ``free`` holds the agents with a free slot. Pinned tasks are claimable only for those
-        agents, so a saturated agent never holds back another's work; an unpinned task goes
-        where ``balance(classifier_choice, free)`` says. Priority first, then age. The task
-        moves to ``running`` with the attempt counted, and a ``running`` execution is created.
+    async def claim_many(
+        self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int
+    ) -> list[tuple[Task, Execution]]:
+        """Atomically take up to ``limit`` ready tasks and open their executions: one transaction.
+
+        ``free`` holds the free slots per agent; each claim uses one. Pinned tasks are claimable
+        only for agents with a slot left, so a saturated agent never holds back another's work;
+        an unpinned task goes where ``balance(classifier_choice, slots_left)`` says. Priority
+        first, then age. Each task moves to ``running`` with the attempt counted, and a
+        ``running`` execution is created whose ``log_path`` is ``executions_dir/<its id>``.
         """
-        agents = sorted(a for a, n in free.items() if n > 0)
-        if not agents:
-            return None
+        slots = {a: n for a, n in free.items() if n > 0}
+        if not slots or limit < 1:
+            return []
         now = self._clock()
-        marks = ",".join("?" * len(agents))
+        prefix = f"{executions_dir}{os.sep}"
 
-        def claim(c: sqlite3.Connection) -> tuple[Task, Execution] | None:
+        def claim(c: sqlite3.Connection) -> list[tuple[Task, Execution]]:
+            claimed: list[tuple[Task, Execution]] = []
             with _transaction(c):
-                row = c.execute(
-                    f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= ?"
-                    f" AND agent IS NOT NULL AND (pinned = 0 OR agent IN ({marks}))"
-                    " ORDER BY priority DESC, id LIMIT 1",
-                    (now, *agents),
-                ).fetchone()
-                if row is None:
-                    return None
-                task = _task(row)
-                chosen = task.agent if task.pinned else balance(task.agent, free)
-                if chosen != task.agent:
-                    task.classifier_reason = f"{task.classifier_reason}; balanced to {chosen}"
-                    task.agent = chosen
-                task.state = TaskState.RUNNING
-                task.attempts += 1
-                c.execute(
-                    "UPDATE tasks SET state = 'running', attempts = ?, agent = ?,"
-                    " classifier_reason = ?, updated_at = ? WHERE id = ? AND state = 'queued'",
-                    (task.attempts, task.agent, task.classifier_reason, now, task.id),
-                )
-                execution = _execution(c.execute(
-                    "INSERT INTO executions (task_id, agent, model, status, started_at)"
-                    f" VALUES (?, ?, ?, 'running', ?) RETURNING {_EXEC_COLS}",
-                    (task.id, task.agent, task.model, now),
-                ).fetchall()[0])
-                execution.log_path = str(executions_dir / str(execution.id))
-                c.execute("UPDATE executions SET log_path = ? WHERE id = ?",
-                          (execution.log_path, execution.id))
-            return task, execution
+                while slots and len(claimed) < limit:
+                    one = _claim_one(c, slots, balance, now, prefix)
+                    if one is None:
+                        break
+                    claimed.append(one)
+            return claimed
 
         return await self._in_db(claim)
 
