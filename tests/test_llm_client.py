@@ -13,6 +13,7 @@ from aioresponses import aioresponses
 
 from corral.errors import LLMError, RateLimitError, StreamError
 from corral.llm import ChatRequest, Client, Message
+from corral.llm import client as client_module
 from tests import jsonschema_lite
 from tests.fakes.base import Drop, Garbage, Hang, Reply, Status
 from tests.fakes.base import StreamError as FakeStreamError
@@ -165,6 +166,18 @@ async def test_garbage_data_line_is_a_clear_error(fake_openai: MakeFake) -> None
         with pytest.raises(StreamError, match="undecodable data line") as caught:
             await client.chat_stream(HELLO, lambda _t: None)
     assert not isinstance(caught.value.__cause__, json.JSONDecodeError)
+
+
+async def test_a_line_over_the_limit_is_an_error_not_unbounded_memory(
+    fake_openai: MakeFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_LINE_BYTES", 64 * 1024)
+    fake = await fake_openai()
+    fake.push(Reply(parts=("ok ", "z" * 1_000_000)))
+    async with Client(fake.endpoint, "m") as client:
+        with pytest.raises(StreamError, match="oversized line") as caught:
+            await client.chat_stream(HELLO, lambda _t: None)
+    assert caught.value.partial_content == "ok "
 
 
 async def test_garbage_json_body_is_a_clear_error(fake_openai: MakeFake) -> None:

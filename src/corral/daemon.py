@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -36,6 +37,8 @@ from corral.server.app import build_app
 from corral.storage.store import Store
 
 log = logging.getLogger("corral")
+# Allocations between young-generation collections (CPython defaults to 700).
+GC_GEN0_THRESHOLD = 7000
 
 
 class SocketInUse(ConfigError):
@@ -213,6 +216,19 @@ async def running_daemon(
         yield pool
 
 
+def _tune_gc() -> None:
+    """Keep garbage collection out of the request path.
+
+    What startup built (modules, settings, schemas) lives as long as the daemon; frozen, the
+    collector never walks it again, which otherwise costs a multi-millisecond pause mid-burst.
+    A higher first threshold means fewer collections while a burst allocates short-lived
+    request objects; reference cycles are still collected, only in larger batches.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def serve(settings: Settings) -> int:
     """Run the daemon until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -221,6 +237,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with running_daemon(settings):
+            _tune_gc()
             await stop.wait()
             log.info("stopping: finishing running tasks for up to %gs",
                      settings.daemon.shutdown_grace_seconds)

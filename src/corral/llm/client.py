@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+from yarl import URL
 
 from corral.errors import LLMError, RateLimitError, StreamError
 from corral.retry import (
@@ -26,6 +27,8 @@ from corral.retry import (
 )
 
 RETRY_STATUSES = frozenset({429, 503, 529})
+# One SSE line may be this long; a longer one is an error rather than unbounded memory.
+MAX_LINE_BYTES = 8 * 1024 * 1024
 _ERROR_BODY_LIMIT = 500
 
 
@@ -76,6 +79,8 @@ class Client:
         self.endpoint = endpoint.rstrip("/")
         self.model = model
         self._api_key = api_key
+        self._url = URL(self.url)
+        self._request_headers = self._headers()
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
         )
@@ -111,7 +116,8 @@ class Client:
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            # No cookies: a model server sets none worth keeping, and the jar costs per request.
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
             self._owns_session = True
         return self._session
 
@@ -216,13 +222,21 @@ class Client:
         state = _StreamState()
         try:
             async with session.post(
-                self.url, json=body, headers=self._headers(), timeout=self._timeout
+                self._url, data=json.dumps(body).encode(), headers=self._request_headers,
+                timeout=self._timeout,
             ) as resp:
                 if resp.status != 200:
                     raise await self._status_error(resp)
-                async for line in resp.content:
-                    if state.feed(line, on_delta):
+                # Whole chunks, split here: one await per network read, not one per line.
+                pending = b""
+                async for chunk in resp.content.iter_any():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    if any(state.feed(line, on_delta) for line in lines):
                         break
+                    if len(pending) > MAX_LINE_BYTES:
+                        raise ValueError(f"a line is longer than {MAX_LINE_BYTES} bytes")
+                else:
+                    state.feed(pending, on_delta)
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._connection_error(exc, delivered=False) from exc
         except TimeoutError as exc:  # includes aiohttp's per-read idle timeout
