@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -19,6 +19,7 @@ import aiohttp
 from yarl import URL
 
 from corral.errors import LLMError, RateLimitError, StreamError
+from corral.llm import leanhttp
 from corral.retry import (
     RATE_LIMIT_STATUSES,
     Sleep,
@@ -30,6 +31,7 @@ RETRY_STATUSES = frozenset({429, 503, 529})
 # One SSE line may be this long; a longer one is an error rather than unbounded memory.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 _ERROR_BODY_LIMIT = 500
+_ERROR_READ_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -81,6 +83,9 @@ class Client:
         self._api_key = api_key
         self._url = URL(self.url)
         self._request_headers = self._headers()
+        # Streams to a plain-http server (a local model) take the lean client: see llm.leanhttp.
+        lean = self.url.startswith("http://")
+        self._lean = leanhttp.Pool(leanhttp.Endpoint.parse(self.url)) if lean else None
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
         )
@@ -110,6 +115,9 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        if self._lean is not None:  # closed for good; a fresh pool if the client is reused
+            self._lean.close()
+            self._lean = leanhttp.Pool(self._lean.endpoint)
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None if self._owns_session else self._session
@@ -218,6 +226,8 @@ class Client:
     async def _stream_once(
         self, body: dict[str, Any], on_delta: Callable[[str], object]
     ) -> ChatResponse:
+        if self._lean is not None:
+            return await self._stream_lean(self._lean, body, on_delta)
         session = self._ensure_session()
         state = _StreamState()
         try:
@@ -228,57 +238,98 @@ class Client:
                 if resp.status != 200:
                     raise await self._status_error(resp)
                 # Whole chunks, split here: one await per network read, not one per line.
-                pending = b""
+                lines = _LineSplitter()
                 async for chunk in resp.content.iter_any():
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    if any(state.feed(line, on_delta) for line in lines):
+                    if lines.feed(chunk, state, on_delta):
                         break
-                    if len(pending) > MAX_LINE_BYTES:
-                        raise ValueError(f"a line is longer than {MAX_LINE_BYTES} bytes")
                 else:
-                    state.feed(pending, on_delta)
+                    lines.end(state, on_delta)
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._connection_error(exc, delivered=False) from exc
         except TimeoutError as exc:  # includes aiohttp's per-read idle timeout
-            raise StreamError(
-                f"{self.url} sent nothing for {self._idle_timeout_s:g}s (stream stalled)",
-                partial_content=state.text(),
-            ) from exc
+            raise self._stalled(state) from exc
         except aiohttp.ClientError as exc:
             raise self._connection_error(
                 exc, delivered=state.delivered, partial=state.text()
             ) from exc
-        except ValueError as exc:  # a line longer than the reader's limit
-            raise StreamError(f"{self.url} sent an oversized line: {exc}",
-                              partial_content=state.text()) from None
+        except ValueError as exc:  # a line longer than the limit
+            raise self._oversized(state, exc) from None
         return state.finish(self.url)
+
+    async def _stream_lean(
+        self, pool: leanhttp.Pool, body: dict[str, Any], on_delta: Callable[[str], object]
+    ) -> ChatResponse:
+        """The same exchange as :meth:`_stream_once` on the lean client (plain http only)."""
+        state = _StreamState()
+        try:
+            async with asyncio.timeout(self._timeout.total):
+                resp = await pool.post(
+                    json.dumps(body).encode(), self._request_headers,
+                    connect_timeout_s=self._timeout.sock_connect or 10.0,
+                    idle_timeout_s=self._idle_timeout_s,
+                )
+                try:
+                    if resp.status != 200:
+                        text = (await resp.read(_ERROR_READ_BYTES)).decode("utf-8", "replace")
+                        raise self._status_error_of(resp.status, resp.headers, text)
+                    lines = _LineSplitter()
+                    while (chunk := await resp.next_chunk()) is not None:
+                        if lines.feed(chunk, state, on_delta):
+                            break
+                    else:
+                        lines.end(state, on_delta)
+                finally:
+                    resp.release()
+        except TimeoutError as exc:
+            raise self._stalled(state) from exc
+        except leanhttp.HttpConnectionError as exc:
+            raise self._connection_error(
+                exc, delivered=state.delivered, partial=state.text()
+            ) from exc
+        except ValueError as exc:
+            raise self._oversized(state, exc) from None
+        return state.finish(self.url)
+
+    def _stalled(self, state: _StreamState) -> StreamError:
+        return StreamError(
+            f"{self.url} sent nothing for {self._idle_timeout_s:g}s (stream stalled)",
+            partial_content=state.text(),
+        )
+
+    def _oversized(self, state: _StreamState, exc: ValueError) -> StreamError:
+        return StreamError(f"{self.url} sent an oversized line: {exc}",
+                           partial_content=state.text())
 
     def _scrub(self, text: str) -> str:
         """Never let the key into an error (some servers and proxies echo request headers)."""
         return text.replace(self._api_key, "***") if self._api_key else text
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> LLMError:
-        text = self._scrub(await _safe_text(resp))
-        retry_after_s = parse_retry_after(resp.headers)
+        return self._status_error_of(resp.status, resp.headers, await _safe_text(resp))
+
+    def _status_error_of(self, status: int, headers: Mapping[str, str], body: str) -> LLMError:
+        text = self._scrub(body)
+        retry_after_s = parse_retry_after(headers)
         detail = _error_message(text)
         suffix = f"; retry-after: {retry_after_s:g}" if retry_after_s is not None else ""
-        if resp.status in RATE_LIMIT_STATUSES:
-            kind = "rate limit" if resp.status == 429 else "overloaded (rate limit)"
+        if status in RATE_LIMIT_STATUSES:
+            kind = "rate limit" if status == 429 else "overloaded (rate limit)"
             return RateLimitError(
-                f"{kind}: HTTP {resp.status} from {self.url}: {detail}{suffix}",
-                status=resp.status,
+                f"{kind}: HTTP {status} from {self.url}: {detail}{suffix}",
+                status=status,
                 retry_after_s=retry_after_s,
                 retryable=True,
             )
         return LLMError(
-            f"HTTP {resp.status} from {self.url}: {detail}{suffix}",
-            status=resp.status,
+            f"HTTP {status} from {self.url}: {detail}{suffix}",
+            status=status,
             retry_after_s=retry_after_s,
-            retryable=resp.status in RETRY_STATUSES,
+            retryable=status in RETRY_STATUSES,
         )
 
     def _connection_error(
-        self, exc: aiohttp.ClientError, *, delivered: bool, partial: str = ""
+        self, exc: aiohttp.ClientError | leanhttp.HttpConnectionError, *, delivered: bool,
+        partial: str = "",
     ) -> LLMError:
         if isinstance(exc, LLMError):  # pragma: no cover - not an aiohttp error
             return exc
@@ -290,6 +341,27 @@ class Client:
             )
         return LLMError(f"cannot reach {self.url}: {reason}", retryable=True,
                         partial_content=partial)
+
+
+class _LineSplitter:
+    """Cuts network chunks into SSE lines, holding a partial line until its end arrives."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes, state: _StreamState, on_delta: Callable[[str], object]) -> bool:
+        """Feed each complete line to ``state``; True once the stream said ``[DONE]``."""
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        if any(state.feed(line, on_delta) for line in lines):
+            return True
+        if len(self.pending) > MAX_LINE_BYTES:
+            raise ValueError(f"a line is longer than {MAX_LINE_BYTES} bytes")
+        return False
+
+    def end(self, state: _StreamState, on_delta: Callable[[str], object]) -> None:
+        state.feed(self.pending, on_delta)
 
 
 class _StreamState:
