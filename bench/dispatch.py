@@ -6,7 +6,10 @@ succeeded. huey: the same work per task (one HTTP call to the same server, the r
 a file) through SqliteHuey with thread workers, SQLite at the same synchronous=NORMAL. Then the
 daemon's RSS with 200 LocalRunner streams in flight at once.
 
-    .venv/bin/python -m bench.dispatch [--tasks 5000] [--clients 50]
+    .venv/bin/python -m bench.dispatch [--tasks 5000] [--clients 50] [--rounds 3] [--dir D]
+
+Both peers keep their files in the same place (``--dir``, else the temp dir). What creating a
+file costs there is printed too: on some disks it dominates both peers' time per task.
 
 Needs the bench extra (``pip install -e '.[bench]'``). Not a pass/fail test.
 """
@@ -32,10 +35,12 @@ from bench.loopback import start_server
 # How often both sides are checked for completion: the same for corral and huey, and rare
 # enough that the check itself costs neither much.
 POLL_S = 0.1
+_SOCKET_DIR = tempfile.gettempdir()
 
 
 def _config(tmp: Path, endpoint: str, model: str, workers: int) -> tuple[Path, Path]:
-    sock = Path(tempfile.mkdtemp(prefix="corral-b")) / "corral.sock"
+    # Sockets stay in the system temp dir: a socket path must be short.
+    sock = Path(tempfile.mkdtemp(prefix="corral-b", dir=_SOCKET_DIR)) / "corral.sock"
     config = tmp / "config.toml"
     config.write_text(
         f'[daemon]\nsocket_path = "{sock}"\ndata_dir = "{tmp / "data"}"\nlog_level = "WARNING"\n'
@@ -113,8 +118,9 @@ def bench_huey(endpoint: str, tasks: int, workers: int) -> float:
     out = tmp / "out"
     out.mkdir()
     env = {**os.environ, "BENCH_HUEY_DB": str(tmp / "huey.db")}
-    os.environ["BENCH_HUEY_DB"] = env["BENCH_HUEY_DB"]
     from bench import huey_tasks
+
+    huey_tasks.use_db(env["BENCH_HUEY_DB"])
 
     consumer = subprocess.Popen(
         [sys.executable, "-c",
@@ -170,23 +176,53 @@ async def bench_memory(endpoint: str, streams: int) -> float:
     return peak
 
 
-async def main(tasks: int, clients: int) -> None:
-    server, endpoint = start_server()
+def _inode_cost_us(base: Path | None, count: int = 200) -> float:
+    """Mean cost of creating one folder or file under ``base``: it varies a lot between disks."""
+    probe = Path(tempfile.mkdtemp(prefix="inode-probe-", dir=base))
     try:
-        corral_rate, latencies = await bench_corral(endpoint, tasks, clients)
-        huey_rate = bench_huey(endpoint, tasks, workers=8)
+        started = time.perf_counter()
+        for n in range(count):
+            (probe / str(n)).mkdir()
+            (probe / str(n) / "f").touch()
+        return (time.perf_counter() - started) / (2 * count) * 1e6
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[max(int(len(sorted_values) * fraction) - 1, 0)]
+
+
+async def main(tasks: int, clients: int, rounds: int, base: Path | None) -> None:
+    if base is not None:
+        tempfile.tempdir = str(base)  # both peers' databases, folders and files go there
+    where = tempfile.gettempdir()
+    print(f"{tasks} tasks x {rounds} rounds, {clients} concurrent submitters, SQLite"
+          f" synchronous=NORMAL (WAL), files under {where}"
+          f" (creating a file or folder there costs {_inode_cost_us(base):.0f} us)")
+    server, endpoint = start_server()
+    ratios = []
+    try:
+        for n in range(rounds):
+            # Alternate who goes first, so neither always gets the quieter half of a round.
+            if n % 2:
+                huey_rate = bench_huey(endpoint, tasks, workers=8)
+                corral_rate, latencies = await bench_corral(endpoint, tasks, clients)
+            else:
+                corral_rate, latencies = await bench_corral(endpoint, tasks, clients)
+                huey_rate = bench_huey(endpoint, tasks, workers=8)
+            latencies.sort()
+            ratios.append(corral_rate / huey_rate)
+            print(f"  round {n + 1}: corral {corral_rate:>6,.0f} tasks/s (16 local workers),"
+                  f" submit p50 {statistics.median(latencies) * 1000:.1f} ms,"
+                  f" p99 {_percentile(latencies, 0.99) * 1000:.1f} ms;"
+                  f" huey {huey_rate:>6,.0f} tasks/s (SqliteHuey, 8 thread workers);"
+                  f" ratio {ratios[-1]:.2f}x")
         rss = await bench_memory(endpoint, 200)
     finally:
         server.terminate()
         server.join()
-    latencies.sort()
-    p50 = statistics.median(latencies) * 1000
-    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-    print(f"{tasks} tasks, {clients} concurrent submitters, SQLite synchronous=NORMAL (WAL)")
-    print(f"  corral  {corral_rate:>8,.0f} tasks/s end to end (16 local workers); submit p50"
-          f" {p50:.1f} ms, p99 {p99:.1f} ms")
-    print(f"  huey    {huey_rate:>8,.0f} tasks/s (SqliteHuey, 8 thread workers)")
-    print(f"  ratio corral / huey: {corral_rate / huey_rate:.2f}x")
+    print(f"  median ratio corral / huey: {statistics.median(ratios):.2f}x")
     print(f"  corral daemon RSS with 200 local streams in flight: {rss:.0f} MB")
 
 
@@ -194,5 +230,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where both peers keep their files (default: the temp dir)")
     args = parser.parse_args()
-    asyncio.run(main(args.tasks, args.clients))
+    asyncio.run(main(args.tasks, args.clients, args.rounds, args.dir))

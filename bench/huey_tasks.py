@@ -38,6 +38,12 @@ def call_model(endpoint: str, out_dir: str, n: int) -> None:
     Path(out_dir, f"{n}.txt").write_text(reply)
 
 
+def use_db(filename: str) -> None:
+    """Point this process's huey at another database (each round of the benchmark has one)."""
+    huey.storage_kwargs["filename"] = filename
+    huey.storage = huey.create_storage()
+
+
 def run_consumer(workers: int) -> None:
     consumer = huey.create_consumer(workers=workers, worker_type="thread", periodic=False,
                                     initial_delay=0.001, backoff=1.0, max_delay=0.01,
