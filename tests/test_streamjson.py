@@ -24,6 +24,7 @@ from corral.executor.streamjson import (
     read_events,
     summarize,
 )
+from tests.conftest import until
 
 
 def test_writer_round_trips_through_reader(tmp_path: Path) -> None:
@@ -140,3 +141,30 @@ def test_ids_look_like_their_kinds() -> None:
     assert len(session_ids) == 100
     assert all(uuid.UUID(s).version == 4 for s in session_ids)
     assert all(len(m) == 28 and m.startswith("msg_") for m in (new_message_id(),))
+
+
+async def test_lines_are_batched_briefly_then_flushed(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    writer = EnvelopeWriter(path, flush_interval_s=0.05)
+    writer.init(session_id="s", model="m", cwd=None)
+    writer.text_delta("a")
+    assert path.read_bytes() == b""  # held for a moment, to share one write
+
+    async def written() -> bool:
+        return bool(path.read_bytes())
+
+    await until(written, timeout_s=5)
+    assert [e["type"] for e in read_events(path)] == ["system", "stream_event"]
+    writer.text_delta("b" * 300_000)  # over the batch size: written at once
+    assert len(read_events(path)) == 3
+    writer.text_delta("c")
+    writer.close()  # closing flushes what is pending
+    assert writer.text == "a" + "b" * 300_000 + "c" and len(read_events(path)) == 4
+
+
+def test_without_an_event_loop_lines_are_written_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "stdout.log"
+    writer = EnvelopeWriter(path)
+    writer.text_delta("now")
+    assert read_events(path)[0]["event"]["delta"]["text"] == "now"
+    writer.close()
