@@ -61,6 +61,7 @@ class _Job:
     task: Task
     agent: AgentSlot
     execution: Execution
+    folder: Path
     worker: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -330,9 +331,9 @@ class Pool:
             folders = [Path(execution.log_path or "") for _, execution in claimed]
             ready = asyncio.get_running_loop().run_in_executor(
                 self._files, prepare_exec_dirs, folders)
-            for task, execution in claimed:
+            for (task, execution), folder in zip(claimed, folders, strict=True):
                 slot = self.agents[task.agent or ""]
-                job = _Job(task, slot, execution)
+                job = _Job(task, slot, execution, folder)
                 self._jobs[task.id] = job
                 slot.running += 1
                 job.worker = asyncio.create_task(self._run(job, ready),
@@ -358,7 +359,7 @@ class Pool:
         task, slot, execution = job.task, job.agent, job.execution
         try:
             request = RunRequest(
-                prompt=task.prompt, exec_dir=Path(execution.log_path or ""), model=task.model,
+                prompt=task.prompt, exec_dir=job.folder, model=task.model,
                 workdir=Path(task.workdir) if task.workdir else None, timeout_s=task.timeout_s,
                 on_pgid=_pgid_recorder(self.store, execution.id),
             )

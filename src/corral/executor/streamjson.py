@@ -24,6 +24,8 @@ SUMMARY_CHARS = 280
 # How long an envelope line may wait to share a write with the lines after it.
 FLUSH_INTERVAL_S = 0.05
 _FLUSH_BYTES = 256 * 1024
+# Built once: json.dumps with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 _CHANGESTAT = re.compile(
     r"(\d+) files? changed(?:, (\d+) insertions?\(\+\))?(?:, (\d+) deletions?\(-\))?"
@@ -124,7 +126,7 @@ class EnvelopeWriter:
             self._schedule()
 
     def event(self, event: dict[str, Any]) -> None:
-        self.write_line(json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode())
+        self.write_line(_ENCODER.encode(event).encode())
 
     def init(self, *, session_id: str, model: str | None, cwd: str | None, **extra: Any) -> None:
         self.event({"type": "system", "subtype": "init", "session_id": session_id,

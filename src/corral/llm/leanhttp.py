@@ -25,6 +25,11 @@ class HttpConnectionError(Exception):
     """The connection failed, closed or sent something that is not HTTP/1.1."""
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 @dataclass(slots=True)
 class Endpoint:
     host: str
@@ -87,11 +92,14 @@ class _Conn(asyncio.Protocol):
             raise HttpConnectionError("connection closed by the server")
         if self.transport is not None:
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        # A bare timer rather than asyncio.timeout(): this runs once per network read.
+        timer = loop.call_later(idle_timeout_s, _expire, waiter)
         try:
-            async with asyncio.timeout(idle_timeout_s):
-                await self._waiter
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
     def take(self, n: int) -> bytes:
