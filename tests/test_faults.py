@@ -39,7 +39,7 @@ def http_date(seconds_from_now: float) -> str:
     ([StreamError(message="boom")], "succeeded", "failed"),
     ([BareStringError(message="boom")], "succeeded", "failed"),
     ([Garbage(text="{{{")], "succeeded", "failed"),
-    ([Hang()], "failed", "timed_out"),
+    ([Hang()], "cancelled", "timed_out"),
 ], ids=["429-seconds", "429-http-date", "503", "529", "reset-mid-stream", "error-event",
         "error-string", "malformed-line", "stops-sending"])
 async def test_server_faults_end_recorded(

@@ -20,10 +20,11 @@ from corral.config import (
 )
 from corral.daemon import running_daemon
 from corral.executor.pool import Pool
+from corral.executor.streamjson import read_events
 from tests import peers
 from tests.conftest import ApiClient, until
 from tests.fakes.anthropic import FakeAnthropic
-from tests.fakes.base import Hang, Reply, Status
+from tests.fakes.base import Reply, Status
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
 
@@ -106,15 +107,19 @@ async def test_out_of_retries_fails_with_error(
     assert len(done["executions"]) == 2
 
 
-async def test_timeout_ends_failed_with_timed_out_execution(
+async def test_timeout_ends_cancelled_with_timed_out_execution_and_partial_log(
     make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
 ) -> None:
     fake = await fake_openai()
-    fake.default = Hang()
+    fake.default = Reply(text="partial " * 100, chunks=100, chunk_delay_s=0.05)
     _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
     done = await api.wait((await api.submit(prompt="x", agent="local", timeout_s=0.5))["id"])
-    assert done["state"] == "failed" and "timed out" in done["error"]
-    assert done["executions"][0]["status"] == "timed_out"
+    assert done["state"] == "cancelled" and "timed out after 0.5s" in done["error"]
+    execution = done["executions"][0]
+    assert execution["status"] == "timed_out"
+    events = read_events(Path(execution["log_path"]) / "stdout.log")
+    assert events[-1]["type"] == "result" and events[-1]["is_error"]
+    assert events[-1]["result"].startswith("partial partial")
 
 
 async def test_cancel_running_and_queued(

@@ -406,6 +406,10 @@ class Pool:
             # Not the task's fault: it goes back to the queue without spending an attempt.
             task_fields = {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
                            "error": result.error}
+        elif result.status == RunStatus.TIMED_OUT:
+            # The daemon stopped the run at its time limit: a cancellation, with the reason
+            # in the error and the partial log kept; the execution says timed_out.
+            task_fields = {"state": TaskState.CANCELLED, "error": result.error}
         elif result.status == RunStatus.FAILED and result.retryable and (
             task.attempts <= task.max_retries
         ):
