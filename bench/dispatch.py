@@ -108,7 +108,6 @@ async def bench_corral(
             elapsed = time.perf_counter() - started
     finally:
         _stop(daemon)
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(sock.parent, ignore_errors=True)
     return tasks / elapsed, latencies
 
@@ -136,7 +135,6 @@ def bench_huey(endpoint: str, tasks: int, workers: int) -> float:
     finally:
         consumer.send_signal(signal.SIGINT)
         consumer.wait(30)
-        shutil.rmtree(tmp, ignore_errors=True)
     return tasks / elapsed
 
 
@@ -171,7 +169,6 @@ async def bench_memory(endpoint: str, streams: int) -> float:
                 await asyncio.sleep(0.1)
     finally:
         _stop(daemon)
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(sock.parent, ignore_errors=True)
     return peak
 
@@ -194,12 +191,14 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 async def main(tasks: int, clients: int, rounds: int, base: Path | None) -> None:
-    if base is not None:
-        tempfile.tempdir = str(base)  # both peers' databases, folders and files go there
-    where = tempfile.gettempdir()
+    # Every round's files stay until the end: deleting thousands of files makes the next
+    # round's creations slower on some disks, which would bleed one measurement into the next.
+    run_dir = Path(tempfile.mkdtemp(prefix="corral-dispatch-", dir=base))
+    tempfile.tempdir = str(run_dir)
+    where = run_dir.parent
     print(f"{tasks} tasks x {rounds} rounds, {clients} concurrent submitters, SQLite"
           f" synchronous=NORMAL (WAL), files under {where}"
-          f" (creating a file or folder there costs {_inode_cost_us(base):.0f} us)")
+          f" (creating a file or folder there costs {_inode_cost_us(run_dir):.0f} us)")
     server, endpoint = start_server()
     ratios = []
     try:
@@ -219,11 +218,14 @@ async def main(tasks: int, clients: int, rounds: int, base: Path | None) -> None
                   f" huey {huey_rate:>6,.0f} tasks/s (SqliteHuey, 8 thread workers);"
                   f" ratio {ratios[-1]:.2f}x")
         rss = await bench_memory(endpoint, 200)
+        inode_after_us = _inode_cost_us(run_dir)
     finally:
         server.terminate()
         server.join()
+        shutil.rmtree(run_dir, ignore_errors=True)
     print(f"  median ratio corral / huey: {statistics.median(ratios):.2f}x")
     print(f"  corral daemon RSS with 200 local streams in flight: {rss:.0f} MB")
+    print(f"  creating a file or folder under {where} cost {inode_after_us:.0f} us at the end")
 
 
 if __name__ == "__main__":
