@@ -366,8 +366,9 @@ class Pool:
             try:
                 # Shielded: the batch shares this future, and one task's cancellation must
                 # not cancel it for the others.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(folders_ready)
+                if not folders_ready.done():
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(folders_ready)
                 result = await slot.runner.run(request)
             except asyncio.CancelledError:
                 await asyncio.shield(self._record_cancel(job, execution))

@@ -8,11 +8,13 @@ keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,14 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Only the daemon's own user (or root) may talk to it; every error becomes a JSON reply.
+
+    One middleware, not two: each layer costs a coroutine per request.
+    """
+    uid = peer_uid(request)
+    if uid is not None and uid not in (0, os.getuid()):
+        return _error(403, "forbidden", "only the daemon's own user may use this socket")
     try:
         return await handler(request)
     except CorralError as exc:
@@ -110,21 +119,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(500, "internal", "internal error; see the daemon's log")
 
 
+# Peer credentials per connection: they cannot change while it is open, and a keep-alive
+# client sends many requests on one.
+_PEER_UIDS: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = (
+    weakref.WeakKeyDictionary())
+
+
 def peer_uid(request: web.Request) -> int | None:
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+    transport = request.transport
+    if transport is None:
+        return None
+    try:
+        return _PEER_UIDS[transport]
+    except (KeyError, TypeError):
+        pass
+    uid = _peer_uid(transport)
+    with contextlib.suppress(TypeError):  # a transport that cannot be weakly referenced
+        _PEER_UIDS[transport] = uid
+    return uid
+
+
+def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    sock = transport.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
-
-
-@web.middleware
-async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    uid = peer_uid(request)
-    if uid is not None and uid not in (0, os.getuid()):
-        return _error(403, "forbidden", "only the daemon's own user may use this socket")
-    return await handler(request)
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -276,7 +297,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_app(pool: Pool, store: Store, *, max_request_bytes: int) -> web.Application:
     app = web.Application(
-        client_max_size=max_request_bytes, middlewares=[peer_middleware, error_middleware]
+        client_max_size=max_request_bytes, middlewares=[api_middleware]
     )
     app[POOL_KEY] = pool
     app[STORE_KEY] = store
