@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +37,9 @@ from bench.loopback import start_server
 # enough that the check itself costs neither much.
 POLL_S = 0.1
 _SOCKET_DIR = tempfile.gettempdir()
+# Run through each peer first, untimed, so neither is measured while it warms up (threads and
+# connections to start, caches to fill).
+WARMUP_TASKS = 200
 
 
 def _config(tmp: Path, endpoint: str, model: str, workers: int) -> tuple[Path, Path]:
@@ -82,8 +86,6 @@ async def bench_corral(
     try:
         connector = aiohttp.UnixConnector(path=str(sock), limit=clients)
         async with aiohttp.ClientSession(connector=connector) as session:
-            queue = iter(range(tasks))
-
             async def connect() -> None:
                 async with session.get("http://corral/health") as resp:
                     await resp.read()
@@ -92,19 +94,24 @@ async def bench_corral(
             # steady-state submits, not 50 connection handshakes.
             await asyncio.gather(*(connect() for _ in range(clients)))
 
-            async def client() -> None:
+            async def client(queue: Iterator[int], timed: list[float]) -> None:
                 for n in queue:
                     started = time.perf_counter()
                     async with session.post("http://corral/tasks", json={
                             "prompt": f"task {n}", "agent": "local"}) as resp:
                         assert resp.status == 201, await resp.text()
                         await resp.read()
-                    latencies.append(time.perf_counter() - started)
+                    timed.append(time.perf_counter() - started)
 
+            async def run(first: int, count: int, timed: list[float]) -> None:
+                queue = iter(range(first, first + count))
+                await asyncio.gather(*(client(queue, timed) for _ in range(clients)))
+                while await _succeeded(session) < first + count:
+                    await asyncio.sleep(POLL_S)
+
+            await run(0, WARMUP_TASKS, [])
             started = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(clients)))
-            while await _succeeded(session) < tasks:
-                await asyncio.sleep(POLL_S)
+            await run(WARMUP_TASKS, tasks, latencies)
             elapsed = time.perf_counter() - started
     finally:
         _stop(daemon)
@@ -125,12 +132,16 @@ def bench_huey(endpoint: str, tasks: int, workers: int) -> float:
         [sys.executable, "-c",
          f"from bench.huey_tasks import run_consumer; run_consumer({workers})"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        started = time.perf_counter()
-        for n in range(tasks):
+    def run(first: int, count: int) -> None:
+        for n in range(first, first + count):
             huey_tasks.call_model(endpoint, str(out), n)
-        while len(os.listdir(out)) < tasks:
+        while len(os.listdir(out)) < first + count:
             time.sleep(POLL_S)
+
+    try:
+        run(0, WARMUP_TASKS)
+        started = time.perf_counter()
+        run(WARMUP_TASKS, tasks)
         elapsed = time.perf_counter() - started
     finally:
         consumer.send_signal(signal.SIGINT)
@@ -196,7 +207,8 @@ async def main(tasks: int, clients: int, rounds: int, base: Path | None) -> None
     run_dir = Path(tempfile.mkdtemp(prefix="corral-dispatch-", dir=base))
     tempfile.tempdir = str(run_dir)
     where = run_dir.parent
-    print(f"{tasks} tasks x {rounds} rounds, {clients} concurrent submitters, SQLite"
+    print(f"{tasks} tasks (after {WARMUP_TASKS} untimed) x {rounds} rounds, {clients} concurrent"
+          " submitters, SQLite"
           f" synchronous=NORMAL (WAL), files under {where}"
           f" (creating a file or folder there costs {_inode_cost_us(run_dir):.0f} us)")
     server, endpoint = start_server()
