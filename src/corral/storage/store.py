@@ -1,9 +1,11 @@
 """``Store``: tasks and executions in SQLite. The store is the queue.
 
-Claiming the next task is one ``BEGIN IMMEDIATE`` transaction (pick, mark running, open the
+Claiming tasks happens inside one ``BEGIN IMMEDIATE`` transaction (pick, mark running, open the
 execution), so two claimers, even two daemons on one file, never take the same task. The
 connection runs in autocommit mode; multi-statement changes run as one transaction on
-aiosqlite's thread, so a task and its execution always change together.
+aiosqlite's thread, so a task and its execution always change together. Submissions, claims
+and finished attempts go through group commit: what arrives while one commit is in flight
+shares the next.
 """
 
 from __future__ import annotations
@@ -331,15 +333,16 @@ class Store:
 
         def claim(c: sqlite3.Connection) -> list[tuple[Task, Execution]]:
             claimed: list[tuple[Task, Execution]] = []
-            with _transaction(c):
-                while slots and len(claimed) < limit:
-                    one = _claim_one(c, slots, balance, now, prefix)
-                    if one is None:
-                        break
-                    claimed.append(one)
+            while slots and len(claimed) < limit:
+                one = _claim_one(c, slots, balance, now, prefix)
+                if one is None:
+                    break
+                claimed.append(one)
             return claimed
 
-        return await self._in_db(claim)
+        # Through group commit: a claim shares its transaction with the submissions and
+        # finished attempts that arrive meanwhile, instead of making them wait for its own.
+        return await self._group.write(claim)
 
     async def next_ready_at(self) -> float | None:
         """When the earliest delayed queued task becomes ready, if any is delayed."""
