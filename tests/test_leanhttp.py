@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -213,6 +215,29 @@ async def test_a_silent_server_times_out_and_a_closed_port_refuses(
     async with Pool(Endpoint.parse("http://127.0.0.1:9/")) as refused:  # discard port
         with pytest.raises(HttpConnectionError):
             await body_of(refused)
+
+
+async def test_a_connect_that_hangs_is_a_connection_error_not_a_stall() -> None:
+    # A listening socket that never accepts: once its queue is full, Linux drops new SYNs,
+    # so a connect hangs the way one to a dead host does.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            async with Pool(Endpoint.parse(f"http://127.0.0.1:{port}/")) as pool:
+                with pytest.raises(HttpConnectionError, match=r"connecting timed out after 0\.3s"):
+                    await pool.post(b"", {}, connect_timeout_s=0.3, idle_timeout_s=5)
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 def test_endpoint_parsing() -> None:

@@ -300,9 +300,10 @@ class Pool:
     ) -> Response:
         """Send a POST and read the status line and headers.
 
-        A kept-alive connection the server has meanwhile closed fails before any byte of a
-        response arrives; the request is then sent once more on a new connection, which is
-        safe because the server never saw it.
+        A kept-alive connection that the server closes just as the request goes out (its idle
+        timeout racing our reuse) ends before any byte of a response; the request is then sent
+        once more on a new connection, as HTTP clients commonly do. A new connection that ends
+        that way is an error.
         """
         if self._closed:
             raise HttpConnectionError("client is closed")
@@ -318,6 +319,9 @@ class Pool:
                 conn.close()
         try:
             conn = await self._connect(connect_timeout_s)
+        except TimeoutError:
+            message = f"connecting timed out after {connect_timeout_s:g}s"
+            raise HttpConnectionError(message) from None
         except OSError as exc:
             raise HttpConnectionError(str(exc) or type(exc).__name__) from exc
         try:
