@@ -122,6 +122,18 @@ async def test_timeout_ends_cancelled_with_timed_out_execution_and_partial_log(
     assert events[-1]["result"].startswith("partial partial")
 
 
+async def test_claimed_tasks_run_even_when_the_file_thread_is_gone(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    pool, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    pool._files.shutdown()  # what a broken pool looks like: it takes no more work
+    done = await api.wait((await api.submit(prompt="x", agent="local"))["id"])
+    assert done["state"] == "succeeded"
+    events = read_events(Path(done["executions"][0]["log_path"]) / "stdout.log")
+    assert events[-1]["type"] == "result" and not events[-1]["is_error"]
+
+
 async def test_cancel_running_and_queued(
     make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
 ) -> None:

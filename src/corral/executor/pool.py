@@ -329,8 +329,7 @@ class Pool:
             if not claimed:
                 break
             folders = [Path(execution.log_path or "") for _, execution in claimed]
-            ready = asyncio.get_running_loop().run_in_executor(
-                self._files, prepare_exec_dirs, folders)
+            ready = self._make_folders(folders)
             for (task, execution), folder in zip(claimed, folders, strict=True):
                 slot = self.agents[task.agent or ""]
                 job = _Job(task, slot, execution, folder)
@@ -341,6 +340,21 @@ class Pool:
             if len(claimed) < room:
                 break
         return self._next_wake_delay()
+
+    def _make_folders(self, folders: list[Path]) -> asyncio.Future[None]:
+        """Make the batch's folders on the file thread; a future for when they exist.
+
+        Never raises: the tasks are already claimed, and a runner makes its own folder if
+        this could not (a broken or shut-down thread pool).
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return loop.run_in_executor(self._files, prepare_exec_dirs, folders)
+        except RuntimeError:
+            log.warning("the file thread is unavailable; runners will make their folders")
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
 
     def _next_wake_delay(self) -> float:
         now = self.clock()
