@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,8 +20,12 @@ from corral.config import (
     Settings,
 )
 from corral.daemon import running_daemon
+from corral.executor.local import LocalRunner
 from corral.executor.pool import Pool
 from corral.executor.streamjson import read_events
+from corral.llm.client import Client
+from corral.models import ExecStatus, TaskState
+from corral.storage.store import Store
 from tests import peers
 from tests.conftest import ApiClient, until
 from tests.fakes.anthropic import FakeAnthropic
@@ -311,3 +316,38 @@ async def test_follow_log_of_a_queued_task_streams_live_until_it_ends(
     events = [json.loads(line) for line in lines]
     assert events[0]["type"] == "system" and events[-1]["type"] == "result"
     assert events[-1]["result"] == "".join(f"w{i} " for i in range(30))
+
+
+async def test_shutdown_in_the_middle_of_a_claim_hands_the_claimed_tasks_back(
+    store: Store, tmp_path: Path, fake_openai: MakeFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text="slow " * 40, chunks=40, chunk_delay_s=0.05)
+    claimed, release = asyncio.Event(), asyncio.Event()
+    claim_many = store.claim_many
+
+    async def claim_then_wait(*args: Any, **kwargs: Any) -> Any:
+        result = await claim_many(*args, **kwargs)  # the claim is committed...
+        if result:
+            claimed.set()
+            await release.wait()  # ...and shutdown begins before the pool has its jobs
+        return result
+
+    monkeypatch.setattr(store, "claim_many", claim_then_wait)
+    async with Client(fake.endpoint, "m") as client:
+        pool = Pool(store, {"local": LocalRunner(client)}, None, pool_settings(local=2),
+                    tmp_path / "executions", grace_s=0)
+        await pool.start()
+        task = await pool.submit("hello", agent="local")
+        await claimed.wait()
+        shutting = asyncio.create_task(pool.shutdown())
+
+        async def stopped_accepting() -> bool:
+            return not pool.accepting
+
+        await until(stopped_accepting)
+        release.set()
+        await shutting
+    back = await store.get_task(task.id, with_executions=True)
+    assert back.state == TaskState.QUEUED and back.attempts == 0
+    assert [e.status for e in back.executions] == [ExecStatus.INTERRUPTED]

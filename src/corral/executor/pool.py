@@ -153,7 +153,13 @@ class Pool:
     async def _do_shutdown(self, grace_s: float) -> None:
         self._accepting = False
         if self._dispatcher is not None:
-            self._dispatcher.cancel()
+            # The dispatcher stops by itself once a claim in flight is done: its tasks become
+            # jobs, which the steps below hand back to the queue. Cancelled mid-claim, it
+            # would leave them running with no worker until the next start.
+            self.wake()
+            _, pending = await asyncio.wait({self._dispatcher}, timeout=max(grace_s, 1.0))
+            if pending:
+                self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
         for task in list(self._classifying):
@@ -306,7 +312,7 @@ class Pool:
     # -- dispatching ----------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        while self._accepting:
             self._wake.clear()
             try:
                 delay = await self._fill()
@@ -322,7 +328,7 @@ class Pool:
         One transaction claims a whole batch, and one hop to the file thread makes the batch's
         execution folders: a burst of work costs a few thread hops, not a few per task.
         """
-        while (room := self.settings.max_workers - len(self._jobs)) > 0:
+        while self._accepting and (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
             free = {a.name: a.free(now) for a in self.agents.values() if a.free(now) > 0}
             claimed = await self.store.claim_many(free, balance, self.executions_dir, limit=room)
