@@ -100,6 +100,25 @@ async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
     assert await store.claim_many({"local": 0}, balance, tmp_path, limit=5) == []
 
 
+async def test_a_claim_in_a_failed_shared_commit_is_redone_in_full(
+    store: Store, tmp_path: Path
+) -> None:
+    for i in range(3):
+        await store.create_task(f"t{i}", agent="local", pinned=True)
+
+    async def broken_write() -> None:
+        await store._group.write(lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"))
+
+    # Both join one group commit, the claim first; the broken write sinks the shared
+    # transaction, and each write is then retried on its own.
+    claimed, failed = await asyncio.gather(
+        store.claim_many({"local": 3}, balance, tmp_path, limit=3), broken_write(),
+        return_exceptions=True)
+    assert isinstance(failed, Exception) and "no_such_table" in str(failed)
+    assert isinstance(claimed, list) and len(claimed) == 3
+    assert len(await store.running_executions()) == 3
+
+
 async def test_recover_interrupted(tmp_path: Path) -> None:
     async with Store(tmp_path / "r.db") as store:
         again = await store.create_task("again", agent="local", pinned=True, max_retries=1)

@@ -332,9 +332,11 @@ class Store:
         prefix = f"{executions_dir}{os.sep}"
 
         def claim(c: sqlite3.Connection) -> list[tuple[Task, Execution]]:
+            # A copy per run: a failed shared transaction runs this again from the start.
+            left = dict(slots)
             claimed: list[tuple[Task, Execution]] = []
-            while slots and len(claimed) < limit:
-                one = _claim_one(c, slots, balance, now, prefix)
+            while left and len(claimed) < limit:
+                one = _claim_one(c, left, balance, now, prefix)
                 if one is None:
                     break
                 claimed.append(one)
