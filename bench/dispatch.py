@@ -40,6 +40,12 @@ _SOCKET_DIR = tempfile.gettempdir()
 # Run through each peer first, untimed, so neither is measured while it warms up (threads and
 # connections to start, caches to fill).
 WARMUP_TASKS = 200
+# Each at its best on this 2-core machine: huey ran 2, 4, 8 and 16 thread workers at about
+# 1,760, 1,890, 1,750 and 1,820 tasks/s; 4 was best by a little.
+HUEY_WORKERS = 4
+# 8, 16 and 32 ran about 2,600, 3,200 and 3,400 tasks/s with submit p99 8, 9.5 and 11 ms: more
+# tasks in flight take loop time from submits. 16 balances the two.
+CORRAL_WORKERS = 16
 
 
 def _config(tmp: Path, endpoint: str, model: str, workers: int) -> tuple[Path, Path]:
@@ -77,7 +83,7 @@ async def _succeeded(session: aiohttp.ClientSession) -> int:
 
 
 async def bench_corral(
-    endpoint: str, tasks: int, clients: int, workers: int = 16
+    endpoint: str, tasks: int, clients: int, workers: int = CORRAL_WORKERS
 ) -> tuple[float, list[float]]:
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     config, sock = _config(tmp, endpoint, "bench", workers)
@@ -217,17 +223,18 @@ async def main(tasks: int, clients: int, rounds: int, base: Path | None) -> None
         for n in range(rounds):
             # Alternate who goes first, so neither always gets the quieter half of a round.
             if n % 2:
-                huey_rate = bench_huey(endpoint, tasks, workers=8)
+                huey_rate = bench_huey(endpoint, tasks, workers=HUEY_WORKERS)
                 corral_rate, latencies = await bench_corral(endpoint, tasks, clients)
             else:
                 corral_rate, latencies = await bench_corral(endpoint, tasks, clients)
-                huey_rate = bench_huey(endpoint, tasks, workers=8)
+                huey_rate = bench_huey(endpoint, tasks, workers=HUEY_WORKERS)
             latencies.sort()
             ratios.append(corral_rate / huey_rate)
-            print(f"  round {n + 1}: corral {corral_rate:>6,.0f} tasks/s (16 local workers),"
+            print(f"  round {n + 1}: corral {corral_rate:>6,.0f} tasks/s"
+                  f" ({CORRAL_WORKERS} local workers),"
                   f" submit p50 {statistics.median(latencies) * 1000:.1f} ms,"
                   f" p99 {_percentile(latencies, 0.99) * 1000:.1f} ms;"
-                  f" huey {huey_rate:>6,.0f} tasks/s (SqliteHuey, 8 thread workers);"
+                  f" huey {huey_rate:>6,.0f} tasks/s (SqliteHuey, {HUEY_WORKERS} thread workers);"
                   f" ratio {ratios[-1]:.2f}x")
         rss = await bench_memory(endpoint, 200)
         inode_after_us = _inode_cost_us(run_dir)
