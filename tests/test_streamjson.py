@@ -168,3 +168,16 @@ def test_without_an_event_loop_lines_are_written_at_once(tmp_path: Path) -> None
     writer.text_delta("now")
     assert read_events(path)[0]["event"]["delta"]["text"] == "now"
     writer.close()
+
+
+@pytest.mark.parametrize("text", [
+    "ok", "", 'quote " and \\ slash', "naïve ✓ 日本", "\n\t\x00\u2028", "lone \ud800 surrogate",
+])
+def test_a_delta_line_is_exactly_the_generic_event_encoding(tmp_path: Path, text: str) -> None:
+    with EnvelopeWriter(tmp_path / "a.log") as fast, EnvelopeWriter(tmp_path / "b.log") as slow:
+        fast.text_delta(text)
+        slow.event({"type": "stream_event", "event": {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": text}}})
+    assert (tmp_path / "a.log").read_bytes() == (tmp_path / "b.log").read_bytes()
+    assert read_events(tmp_path / "a.log")[0]["event"]["delta"]["text"] == text
