@@ -180,6 +180,17 @@ async def test_a_line_over_the_limit_is_an_error_not_unbounded_memory(
     assert caught.value.partial_content == "ok "
 
 
+async def test_a_character_split_across_deltas_comes_out_whole(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()  # its chunks escape non-ASCII as \u, as some servers do
+    fake.push(Reply(parts=("smile \ud83d", "\ude00 and a stray \udc00.")))
+    deltas: list[str] = []
+    async with Client(fake.endpoint, "m") as client:
+        answer = await client.chat_stream(HELLO, deltas.append)
+    assert answer.content == "smile \U0001f600 and a stray \ufffd."
+    assert answer.content.encode("utf-8")  # storable: SQLite would refuse a lone half
+    assert deltas == ["smile \ud83d", "\ude00 and a stray \udc00."]
+
+
 async def test_garbage_json_body_is_a_clear_error(fake_openai: MakeFake) -> None:
     fake = await fake_openai()
     fake.push(Garbage(text="<html>oops</html>"))

@@ -378,7 +378,7 @@ class _StreamState:
         self.usage: dict[str, Any] = {}
 
     def text(self) -> str:
-        return "".join(self.chunks)
+        return _whole_characters("".join(self.chunks))
 
     def feed(self, line: bytes, on_delta: Callable[[str], object]) -> bool:
         """Handle one line; True once ``[DONE]`` arrives."""
@@ -435,6 +435,19 @@ class _StreamState:
             model=self.model,
             cached_tokens=_cached(usage),
         )
+
+
+def _whole_characters(text: str) -> str:
+    """Join surrogate halves that arrived in separate chunks; replace any left alone.
+
+    A server that escapes non-ASCII may split an emoji's UTF-16 pair across two deltas. Each
+    half alone is not text, and SQLite would refuse to store it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _cached(usage: dict[str, Any]) -> int:
