@@ -45,12 +45,23 @@ def test_file_and_environment_override(tmp_path: Path, monkeypatch: pytest.Monke
     ("[local_model]\nendpoint = \"ftp://x\"\n", "local_model.endpoint"),
     ("[classifier]\ndefault_agent = \"robot\"\n", "classifier.default_agent"),
     ("[pool\n", "not valid TOML"),
+    ("[daemon]\nevent_loop = \"tokio\"\n", "daemon.event_loop"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text))
     assert needle in caught.value.message
     assert "\n" not in caught.value.message
+
+
+def test_event_loop_choice() -> None:
+    import uvloop
+
+    from corral.cli import _loop_factory
+
+    assert _loop_factory("asyncio") is None
+    assert _loop_factory("auto") is uvloop.new_event_loop  # installed with the package
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
 
 
 def test_unknown_environment_key_rejected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
