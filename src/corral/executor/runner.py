@@ -19,6 +19,11 @@ from typing import BinaryIO, Protocol
 
 from corral.executor.streamjson import ChangeStat, EnvelopeWriter
 
+# The two files of an execution's folder (DESIGN.md): the envelope, and what a child wrote
+# to stderr.
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+
 
 class RunStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
@@ -39,11 +44,11 @@ class RunRequest:
 
     @property
     def stdout_path(self) -> Path:
-        return self.exec_dir / "stdout.log"
+        return self.exec_dir / STDOUT_LOG
 
     @property
     def stderr_path(self) -> Path:
-        return self.exec_dir / "stderr.log"
+        return self.exec_dir / STDERR_LOG
 
 
 @dataclass(slots=True)
@@ -112,7 +117,7 @@ def prepare_exec_dirs(exec_dirs: Iterable[Path]) -> None:
     for exec_dir in exec_dirs:
         with contextlib.suppress(OSError):
             exec_dir.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(exec_dir / "stdout.log", os.O_WRONLY | os.O_CREAT, 0o600))
+            os.close(os.open(exec_dir / STDOUT_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def _make_writer(request: RunRequest) -> EnvelopeWriter:

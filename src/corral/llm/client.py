@@ -457,7 +457,7 @@ def _cached(usage: dict[str, Any]) -> int:
 
 async def _safe_text(resp: aiohttp.ClientResponse) -> str:
     try:
-        raw = await resp.content.read(64 * 1024)
+        raw = await resp.content.read(_ERROR_READ_BYTES)
     except (aiohttp.ClientError, TimeoutError):
         return ""
     return raw.decode("utf-8", "replace")

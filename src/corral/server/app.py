@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from corral.errors import BadRequest, CorralError, NotFound, PayloadTooLarge
 from corral.executor.pool import Pool
+from corral.executor.runner import STDERR_LOG, STDOUT_LOG
 from corral.models import ExecStatus, TaskState
 from corral.server.openapi import openapi_spec
 from corral.storage.store import Store
@@ -248,7 +249,7 @@ async def task_log(request: web.Request) -> web.StreamResponse:
     if not matching:
         raise NotFound(f"execution {wanted} does not belong to task {task_id}")
     execution = matching[0]
-    stream_name = "stderr.log" if request.query.get("stream") == "stderr" else "stdout.log"
+    stream_name = STDERR_LOG if request.query.get("stream") == "stderr" else STDOUT_LOG
     path = Path(execution.log_path or "") / stream_name
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
