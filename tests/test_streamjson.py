@@ -128,6 +128,10 @@ async def test_prepared_folders_are_opened_and_missing_ones_made(tmp_path: Path)
     (tmp_path / "file").write_text("not a folder")
     prepare_exec_dirs([ready, blocked])  # a folder it cannot make is left to the runner
     assert (ready / "stdout.log").read_bytes() == b"" and not missing.exists()
+    (ready / "stdout.log").write_bytes(b"kept\n")
+    prepare_exec_dirs([ready])  # made twice (a restart's recovery): nothing is truncated
+    assert (ready / "stdout.log").read_bytes() == b"kept\n"
+    (ready / "stdout.log").write_bytes(b"")
     for exec_dir in (ready, missing):
         with await open_envelope(RunRequest(prompt="p", exec_dir=exec_dir)) as writer:
             writer.init(session_id=new_session_id(), model="m", cwd=None)

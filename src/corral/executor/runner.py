@@ -115,9 +115,17 @@ def prepare_exec_dirs(exec_dirs: Iterable[Path]) -> None:
     runner when it opens its logs.
     """
     for exec_dir in exec_dirs:
+        # Plain os calls on strings: this thread shares the GIL with the event loop, so the
+        # less Python between system calls, the less it takes from the loop.
+        folder = os.fspath(exec_dir)
         with contextlib.suppress(OSError):
-            exec_dir.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(exec_dir / STDOUT_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
+            try:
+                os.mkdir(folder)
+            except FileNotFoundError:  # executions/ itself was removed under a running daemon
+                os.makedirs(folder, exist_ok=True)
+            except FileExistsError:
+                pass
+            os.close(os.open(folder + os.sep + STDOUT_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def _make_writer(request: RunRequest) -> EnvelopeWriter:

@@ -100,7 +100,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     One middleware, not two: each layer costs a coroutine per request.
     """
     uid = peer_uid(request)
-    if uid is not None and uid not in (0, os.getuid()):
+    if uid is not None and uid != 0 and uid != _OWN_UID:
         return _error(403, "forbidden", "only the daemon's own user may use this socket")
     try:
         return await handler(request)
@@ -120,6 +120,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(500, "internal", "internal error; see the daemon's log")
 
 
+_OWN_UID = os.getuid()
 # Peer credentials per connection: they cannot change while it is open, and a keep-alive
 # client sends many requests on one.
 _PEER_UIDS: weakref.WeakKeyDictionary[asyncio.BaseTransport, int | None] = (
