@@ -18,7 +18,6 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +26,8 @@ from typing import Any, Self
 from corral.config import PoolSettings
 from corral.errors import BadRequest, Conflict, ShuttingDown
 from corral.executor.classifier import Classifier
-from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus, prepare_exec_dirs
+from corral.executor.folders import FolderMaker
+from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus
 from corral.models import AUTO, KNOWN_AGENTS, ExecStatus, Execution, Task, TaskState
 from corral.retry import backoff_delay
 from corral.storage.store import Store
@@ -110,8 +110,8 @@ class Pool:
         self._classify_sem = asyncio.Semaphore(CLASSIFY_CONCURRENCY)
         self._classifying: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
-        # One thread makes execution folders, so a slow disk never stalls the event loop.
-        self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
+        # Execution folders are made on threads, so a slow disk never stalls the event loop.
+        self._files = FolderMaker()
         self._accepting = False
         self._shutdown: asyncio.Task[None] | None = None
         # When delayed retries become ready: kept here so dispatching needs no query for it.
@@ -173,7 +173,7 @@ class Pool:
                     job.cancel_reason = "shutdown"
                     job.worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        self._files.shutdown(wait=False)
+        self._files.shutdown()
 
     @property
     def accepting(self) -> bool:
@@ -331,8 +331,8 @@ class Pool:
     async def _fill(self) -> float:
         """Start as many ready tasks as slots allow; return how long to sleep at most.
 
-        One transaction claims a whole batch, and one hop to the file thread makes the batch's
-        execution folders: a burst of work costs a few thread hops, not a few per task.
+        One transaction claims a whole batch, and the batch's execution folders are made in
+        a hop or a few to the file threads: a burst costs a few thread hops, not a few per task.
         """
         while self._accepting and (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
@@ -341,32 +341,17 @@ class Pool:
             if not claimed:
                 break
             folders = [Path(execution.log_path or "") for _, execution in claimed]
-            ready = self._make_folders(folders)
-            for (task, execution), folder in zip(claimed, folders, strict=True):
+            ready = self._files.make(folders)
+            for (task, execution), folder, made in zip(claimed, folders, ready, strict=True):
                 slot = self.agents[task.agent or ""]
                 job = _Job(task, slot, execution, folder)
                 self._jobs[task.id] = job
                 slot.running += 1
-                job.worker = asyncio.create_task(self._run(job, ready),
+                job.worker = asyncio.create_task(self._run(job, made),
                                                  name=f"corral-task-{task.id}")
             if len(claimed) < room:
                 break
         return self._next_wake_delay()
-
-    def _make_folders(self, folders: list[Path]) -> asyncio.Future[None]:
-        """Make the batch's folders on the file thread; a future for when they exist.
-
-        Never raises: the tasks are already claimed, and a runner makes its own folder if
-        this could not (a broken or shut-down thread pool).
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            return loop.run_in_executor(self._files, prepare_exec_dirs, folders)
-        except RuntimeError:
-            log.warning("the file thread is unavailable; runners will make their folders")
-            done: asyncio.Future[None] = loop.create_future()
-            done.set_result(None)
-            return done
 
     def _next_wake_delay(self) -> float:
         now = self.clock()
@@ -381,7 +366,7 @@ class Pool:
 
     # -- running one attempt --------------------------------------------------------------------
 
-    async def _run(self, job: _Job, folders_ready: asyncio.Future[None]) -> None:
+    async def _run(self, job: _Job, folders_ready: asyncio.Future[float | None]) -> None:
         task, slot, execution = job.task, job.agent, job.execution
         try:
             request = RunRequest(
