@@ -7,9 +7,14 @@ a file) through SqliteHuey with thread workers, SQLite at the same synchronous=N
 daemon's RSS with 200 LocalRunner streams in flight at once.
 
     .venv/bin/python -m bench.dispatch [--tasks 5000] [--clients 50] [--rounds 3] [--dir D]
+                                       [--submitters raw|aiohttp]
 
 Both peers keep their files in the same place (``--dir``, else the temp dir). What creating a
 file costs there is printed too: on some disks it dominates both peers' time per task.
+
+The submitters are a load generator, like wrk: each writes its HTTP/1.1 request itself on a
+kept-alive connection and reads the reply, so that what is measured is the daemon, not a client
+library sharing its two cores. ``--submitters aiohttp`` uses aiohttp's client instead.
 
 Needs the bench extra (``pip install -e '.[bench]'``). Not a pass/fail test.
 """
