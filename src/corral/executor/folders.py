@@ -37,7 +37,11 @@ class FolderMaker:
         self.max_threads = max_threads
         # What one folder has been costing, in seconds: it decides how a batch is split.
         self.cost_s = 0.0
-        self._threads = ThreadPoolExecutor(max_threads, thread_name_prefix="corral-files")
+        # One single-thread executor per part, so part k always runs on thread k: cheap
+        # batches, one part each, queue on one thread rather than overlap on several. Each
+        # thread starts only when first needed.
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"corral-files-{n}")
+                         for n in range(max_threads)]
 
     def make(self, folders: Sequence[Path]) -> list[asyncio.Future[float | None]]:
         """Start making ``folders``; one future per folder, done once its part of the batch is.
@@ -50,11 +54,11 @@ class FolderMaker:
         parts = max(1, min(self.max_threads, count, int(count * self.cost_s / MIN_PART_S)))
         size = -(-count // parts)
         ready: list[asyncio.Future[float | None]] = []
-        for start in range(0, count, size):
+        for thread, start in zip(self._threads, range(0, count, size), strict=False):
             part = folders[start:start + size]
             future: asyncio.Future[float | None]
             try:
-                future = loop.run_in_executor(self._threads, _make_timed, part)
+                future = loop.run_in_executor(thread, _make_timed, part)
             except RuntimeError:
                 log.warning("the file threads are unavailable; runners will make their folders")
                 future = loop.create_future()
@@ -73,7 +77,8 @@ class FolderMaker:
 
     def shutdown(self) -> None:
         """Take no more work; a part already started still finishes. Safe to call twice."""
-        self._threads.shutdown(wait=False)
+        for thread in self._threads:
+            thread.shutdown(wait=False)
 
 
 def _make_timed(folders: Sequence[Path]) -> float:
