@@ -1,56 +1,94 @@
-"""FolderMaker: execution folders made on threads, a batch split only when folders are dear."""
+"""Execution folders made ahead of need by the helper process, and what happens without it."""
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 from pathlib import Path
 
-from corral.executor.folders import MIN_PART_S, FolderMaker
+from corral.executor.folders import FolderMaker
+from corral.executor.mkfolders import serve
+from tests.conftest import until
 
 
 def _made(folder: Path) -> bool:
     return (folder / "stdout.log").is_file() and (folder / "stdout.log").read_bytes() == b""
 
 
-async def test_cheap_folders_are_made_in_one_part_and_their_cost_is_learned(
-    tmp_path: Path,
-) -> None:
-    maker = FolderMaker()
+async def _all_made(*folders: Path) -> bool:
+    return all(_made(f) for f in folders)
+
+
+def test_helper_protocol_batches_across_reads(tmp_path: Path) -> None:
+    a, b, c = (os.fsencode(tmp_path / name) for name in ("a", "b", "deep/c"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stdout.log").write_bytes(b"kept\n")
+
+    class Trickle(io.BytesIO):  # hands the stream over a few bytes at a time
+        def read1(self, size: int | None = -1) -> bytes:
+            return super().read1(3)
+
+    sink = io.BytesIO()
+    serve(Trickle(a + b"\0" + b + b"\0\0" + c + b"\0\0"), sink)
+    assert sink.getvalue() == b".."  # one answer per batch
+    assert (tmp_path / "a" / "stdout.log").read_bytes() == b"kept\n"  # never truncated
+    assert _made(tmp_path / "b") and _made(tmp_path / "deep" / "c")
+
+
+async def test_folders_are_made_on_request_without_ahead(tmp_path: Path) -> None:
+    maker = FolderMaker(tmp_path)
+    await maker.start(1)
     try:
-        folders = [tmp_path / str(n) for n in range(8)]
-        ready = maker.make(folders)
-        assert len(ready) == 8 and len(set(ready)) == 1  # one hop for the batch
-        for future in ready:
-            await future
-        assert all(_made(f) for f in folders)
-        assert 0 < maker.cost_s < 1  # measured, not assumed
+        ready = maker.make([1, 2, 3])
+        assert len(set(ready)) == 1  # one batch, one answer
+        await ready[0]
+        assert await _all_made(*(tmp_path / str(n) for n in (1, 2, 3)))
     finally:
-        maker.shutdown()
+        await maker.close()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
 
 
-async def test_dear_folders_are_split_over_the_threads(tmp_path: Path) -> None:
-    maker = FolderMaker(max_threads=4)
+async def test_folders_ahead_are_handed_over_and_the_unclaimed_removed(tmp_path: Path) -> None:
+    maker = FolderMaker(tmp_path, ahead=4)
+    await maker.start(5)  # the store's next execution id
+    await until(lambda: _all_made(*(tmp_path / str(n) for n in range(5, 9))))
+    ready = maker.make([5, 6])
+    assert all(f.done() for f in ready)  # waiting already: nothing on the claim's path
+    await until(lambda: _all_made(tmp_path / "9", tmp_path / "10"))  # topped up past 6
+    (tmp_path / "9" / "stdout.log").write_bytes(b"used\n")
+    await maker.close()
+    await maker.close()  # twice is harmless
+    # Claimed ones stay, unclaimed empty ones go, one holding anything is kept.
+    assert sorted(os.listdir(tmp_path)) == ["5", "6", "9"]
+
+
+async def test_an_id_past_the_folders_ahead_is_made_at_once(tmp_path: Path) -> None:
+    maker = FolderMaker(tmp_path, ahead=2)
+    await maker.start(1)
     try:
-        maker.cost_s = 4 * MIN_PART_S  # as if the disk had turned slow
-        folders = [tmp_path / str(n) for n in range(10)]
-        ready = maker.make(folders)
-        parts = list(dict.fromkeys(ready))
-        assert len(parts) == 4 and [ready.count(p) for p in parts] == [3, 3, 3, 1]
-        for future in parts:
-            await future
-        assert all(_made(f) for f in folders)
-        # A single folder is never split, however dear.
-        one = maker.make([tmp_path / "alone"])
-        assert len(one) == 1
-        await one[0]
-        assert _made(tmp_path / "alone")
+        ready = maker.make([10])  # ids moved on without this maker: asked for now
+        await ready[0]
+        assert _made(tmp_path / "10")
+        await until(lambda: _all_made(tmp_path / "11", tmp_path / "12"))
     finally:
-        maker.shutdown()
+        await maker.close()
+    # Folders made ahead for ids that went by unclaimed are removed too.
+    assert sorted(os.listdir(tmp_path)) == ["10"]
 
 
-async def test_a_shut_down_maker_leaves_folders_to_the_runners(tmp_path: Path) -> None:
-    maker = FolderMaker()
-    maker.shutdown()
-    maker.shutdown()  # twice is harmless
-    ready = maker.make([tmp_path / "1", tmp_path / "2"])
-    assert all(f.done() and f.result() is None for f in ready)
+async def test_a_dead_helper_leaves_folders_to_the_runners(tmp_path: Path) -> None:
+    maker = FolderMaker(tmp_path)
+    await maker.start(1)
+    pid = maker.helper_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    async def noticed() -> bool:
+        return maker.helper_pid is None
+
+    await until(noticed)
+    ready = maker.make([1, 2])
+    assert all(f.done() for f in ready)  # answered at once: nobody waits for the dead
     assert not (tmp_path / "1").exists()
+    await maker.close()

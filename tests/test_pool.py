@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -127,16 +130,45 @@ async def test_timeout_ends_cancelled_with_timed_out_execution_and_partial_log(
     assert events[-1]["result"].startswith("partial partial")
 
 
-async def test_claimed_tasks_run_even_when_the_file_thread_is_gone(
+async def test_claimed_tasks_run_even_when_the_folder_helper_is_gone(
     make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
 ) -> None:
     fake = await fake_openai()
     pool, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
-    pool._files.shutdown()  # what a broken pool looks like: it takes no more work
-    done = await api.wait((await api.submit(prompt="x", agent="local"))["id"])
-    assert done["state"] == "succeeded"
-    events = read_events(Path(done["executions"][0]["log_path"]) / "stdout.log")
-    assert events[-1]["type"] == "result" and not events[-1]["is_error"]
+    pid = pool._files.helper_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    async def noticed() -> bool:
+        return pool._files.helper_pid is None
+
+    await until(noticed)
+    # Not even executions/ is left: each runner has to make its own folder.
+    await asyncio.to_thread(shutil.rmtree, pool.executions_dir)
+    tasks = [await api.submit(prompt=f"x{i}", agent="local") for i in range(3)]
+    for task in tasks:
+        done = await api.wait(task["id"])
+        assert done["state"] == "succeeded"
+        events = read_events(Path(done["executions"][0]["log_path"]) / "stdout.log")
+        assert events[-1]["type"] == "result" and not events[-1]["is_error"]
+
+
+async def test_folders_made_ahead_serve_claims_and_unclaimed_ones_go_at_shutdown(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    pool, api = await daemon(make_settings(pool=pool_settings(workers=2),
+                                           local_model=local(fake)))
+    tasks = [await api.submit(prompt=f"t{i}", agent="local") for i in range(5)]
+    done = [await api.wait(task["id"]) for task in tasks]
+    assert all(d["state"] == "succeeded" for d in done)
+    executions = {str(d["executions"][0]["id"]) for d in done}
+    await pool.shutdown()
+    # Every execution's log is complete, and no empty folder is left for an id never used.
+    assert set(os.listdir(pool.executions_dir)) == executions
+    for d in done:
+        events = read_events(Path(d["executions"][0]["log_path"]) / "stdout.log")
+        assert [e["type"] for e in events][-1] == "result"
 
 
 async def test_cancel_running_and_queued(

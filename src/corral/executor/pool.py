@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CLASSIFY_CONCURRENCY = 4
 _MAX_IDLE_WAIT_S = 60.0
+# Execution folders kept made ahead of need, per slot: enough for the next batch of claims.
+_FOLDERS_AHEAD_PER_SLOT = 2
 
 
 @dataclass(slots=True)
@@ -111,7 +113,8 @@ class Pool:
         self._classifying: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         # Execution folders are made on threads, so a slow disk never stalls the event loop.
-        self._files = FolderMaker()
+        self._files = FolderMaker(executions_dir,
+                                  ahead=_FOLDERS_AHEAD_PER_SLOT * settings.max_workers)
         self._accepting = False
         self._shutdown: asyncio.Task[None] | None = None
         # When delayed retries become ready: kept here so dispatching needs no query for it.
@@ -130,6 +133,7 @@ class Pool:
 
     async def start(self) -> None:
         self.executions_dir.mkdir(parents=True, exist_ok=True)
+        await self._files.start(await self.store.next_execution_id())
         self._accepting = True
         await self.store.unpin_unavailable(self.agents)
         for task in await self.store.unclassified():
@@ -173,7 +177,7 @@ class Pool:
                     job.cancel_reason = "shutdown"
                     job.worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        self._files.shutdown()
+        await self._files.close()
 
     @property
     def accepting(self) -> bool:
@@ -341,7 +345,7 @@ class Pool:
             if not claimed:
                 break
             folders = [Path(execution.log_path or "") for _, execution in claimed]
-            ready = self._files.make(folders)
+            ready = self._files.make([execution.id for _, execution in claimed])
             for (task, execution), folder, made in zip(claimed, folders, ready, strict=True):
                 slot = self.agents[task.agent or ""]
                 job = _Job(task, slot, execution, folder)
@@ -366,7 +370,7 @@ class Pool:
 
     # -- running one attempt --------------------------------------------------------------------
 
-    async def _run(self, job: _Job, folders_ready: asyncio.Future[float | None]) -> None:
+    async def _run(self, job: _Job, folders_ready: asyncio.Future[None]) -> None:
         task, slot, execution = job.task, job.agent, job.execution
         try:
             request = RunRequest(

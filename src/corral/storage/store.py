@@ -369,6 +369,11 @@ class Store:
         # finished attempts that arrive meanwhile, instead of making them wait for its own.
         return await self._group.write(claim)
 
+    async def next_execution_id(self) -> int:
+        """The id the next execution will get (ids are never reused)."""
+        row = await self._one(f"SELECT {_NEXT_EXEC_ID}")
+        return int(row[0])
+
     async def next_ready_at(self) -> float | None:
         """When the earliest delayed queued task becomes ready, if any is delayed."""
         row = await self._one(
