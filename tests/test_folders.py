@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
 from pathlib import Path
+
+import pytest
 
 from corral.executor.folders import FolderMaker
 from corral.executor.mkfolders import serve
@@ -92,3 +95,19 @@ async def test_a_dead_helper_leaves_folders_to_the_runners(tmp_path: Path) -> No
     assert all(f.done() for f in ready)  # answered at once: nobody waits for the dead
     assert not (tmp_path / "1").exists()
     await maker.close()
+
+
+async def test_the_helper_gets_no_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-never-here")
+    monkeypatch.setenv("GEMINI_API_KEY", "gm-never-here")
+    maker = FolderMaker(tmp_path)
+    await maker.start(1)
+    try:
+        assert maker.helper_pid is not None
+        environ = await asyncio.to_thread(Path(f"/proc/{maker.helper_pid}/environ").read_bytes)
+        assert b"never-here" not in environ and b"API_KEY" not in environ
+        ready = maker.make([1])  # and it still works without them
+        await ready[0]
+        assert _made(tmp_path / "1")
+    finally:
+        await maker.close()

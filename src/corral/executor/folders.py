@@ -62,7 +62,7 @@ class FolderMaker:
         try:
             self._helper = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "corral.executor.mkfolders",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_helper_env())
         except OSError as exc:
             log.warning("the folder helper did not start (%s); runners will make their folders",
                         exc)
@@ -158,6 +158,12 @@ class FolderMaker:
         self._ahead_made.clear()
         if unclaimed:
             await asyncio.to_thread(_remove_unused, unclaimed)
+
+
+def _helper_env() -> dict[str, str]:
+    # What it takes to find and run the module, and nothing else: no API key reaches it.
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "SYSTEMROOT")
+    return {k: v for k, v in os.environ.items() if k in keep}
 
 
 def _remove_unused(folders: Sequence[Path]) -> None:
