@@ -235,6 +235,19 @@ async def bench_memory(endpoint: str, streams: int) -> float:
     return peak
 
 
+async def _warm_server(endpoint: str, requests: int = 2000, concurrent: int = 16) -> None:
+    """Untimed requests to the fresh loopback server, so round 1's first peer meets it warm."""
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    left = iter(range(requests))
+    async with aiohttp.ClientSession() as session:
+        async def one_client() -> None:
+            for _ in left:
+                async with session.post(f"{endpoint}/chat/completions", json=body) as resp:
+                    await resp.read()
+
+        await asyncio.gather(*(one_client() for _ in range(concurrent)))
+
+
 def _inode_cost_us(base: Path | None, count: int = 200) -> float:
     """Mean cost of creating one folder or file under ``base``: it varies a lot between disks."""
     probe = Path(tempfile.mkdtemp(prefix="inode-probe-", dir=base))
@@ -265,6 +278,7 @@ async def main(
           f" synchronous=NORMAL (WAL), files under {where}"
           f" (creating a file or folder there costs {_inode_cost_us(run_dir):.0f} us)")
     server, endpoint = start_server()
+    await _warm_server(endpoint)
     ratios = []
     try:
         for n in range(rounds):

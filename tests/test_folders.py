@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from corral.executor.folders import FolderMaker
-from corral.executor.mkfolders import serve
+from corral.executor.mkfolders import Maker, serve
 from tests.conftest import until
 
 
@@ -37,6 +37,17 @@ def test_helper_protocol_batches_across_reads(tmp_path: Path) -> None:
     assert sink.getvalue() == b".."  # one answer per batch
     assert (tmp_path / "a" / "stdout.log").read_bytes() == b"kept\n"  # never truncated
     assert _made(tmp_path / "b") and _made(tmp_path / "deep" / "c")
+
+
+def test_helper_splits_a_batch_only_when_folders_are_dear(tmp_path: Path) -> None:
+    cheap, dear = Maker(), Maker()
+    cheap.make([os.fsencode(tmp_path / f"c{n}") for n in range(8)])
+    assert cheap._threads is None and 0 < cheap.cost_s < Maker.MIN_PART_S  # one thread
+    dear.cost_s = 4 * Maker.MIN_PART_S  # as if the disk had turned slow
+    dear.make([os.fsencode(tmp_path / f"d{n}") for n in range(10)])
+    assert dear._threads is not None  # split over threads
+    dear._threads.shutdown()
+    assert all(_made(tmp_path / f"{k}{n}") for k, n in [("c", 7), *(("d", n) for n in range(10))])
 
 
 async def test_folders_are_made_on_request_without_ahead(tmp_path: Path) -> None:
