@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.executor import folders
 from corral.executor.folders import FolderMaker
 from corral.executor.mkfolders import Maker, serve
 from tests.conftest import until
@@ -122,3 +123,18 @@ async def test_the_helper_gets_no_secrets(tmp_path: Path, monkeypatch: pytest.Mo
         assert _made(tmp_path / "1")
     finally:
         await maker.close()
+
+
+async def test_a_stuck_helper_is_killed_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(folders, "_EXIT_WAIT_S", 0.2)
+    maker = FolderMaker(tmp_path, ahead=2)
+    await maker.start(1)
+    pid = maker.helper_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # as if stuck on a dead disk
+    await asyncio.wait_for(maker.close(), 10)
+    assert maker.helper_pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -143,17 +143,17 @@ class FolderMaker:
         """
         self._closed = True
         helper, reader = self._helper, self._reader
-        if helper is not None and helper.stdin is not None:
-            helper.stdin.close()
-        if reader is not None:
-            await asyncio.shield(reader)
         if helper is not None:
+            if helper.stdin is not None:
+                helper.stdin.close()
             try:
                 await asyncio.wait_for(helper.wait(), _EXIT_WAIT_S)
-            except TimeoutError:
+            except TimeoutError:  # stuck on a dead disk: it has nothing left to promise
                 with contextlib.suppress(ProcessLookupError):
                     helper.kill()
                 await helper.wait()
+        if reader is not None:
+            await asyncio.shield(reader)  # it ends at the helper's exit, answering the rest
         unclaimed = [self.folder(i) for i in sorted(self._ahead_made)]
         self._ahead_made.clear()
         if unclaimed:
