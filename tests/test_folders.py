@@ -138,3 +138,19 @@ async def test_a_stuck_helper_is_killed_at_close(
     assert maker.helper_pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_the_helper_stops_when_the_daemon_says_not_on_a_signal(tmp_path: Path) -> None:
+    maker = FolderMaker(tmp_path)
+    await maker.start(1)
+    pid = maker.helper_pid
+    assert pid is not None
+    await maker.make([1])[0]  # answering, so past its start-up
+    for sig in (signal.SIGINT, signal.SIGTERM):  # what a terminal or systemd sends the group
+        os.kill(pid, sig)
+    ready = maker.make([2])  # still answering
+    await asyncio.wait_for(ready[0], 10)
+    assert _made(tmp_path / "2") and maker.helper_pid == pid
+    await maker.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

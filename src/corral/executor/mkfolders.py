@@ -102,7 +102,8 @@ def serve(source: BinaryIO, sink: BinaryIO, maker: Maker | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # A Ctrl-C in the daemon's terminal reaches this process too; the daemon decides when it
-    # stops, by closing stdin.
+    # A Ctrl-C in the daemon's terminal, or systemd stopping the daemon's cgroup, reaches this
+    # process too. The daemon decides when it stops, by closing stdin after its last batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)
