@@ -335,8 +335,9 @@ class Pool:
     async def _fill(self) -> float:
         """Start as many ready tasks as slots allow; return how long to sleep at most.
 
-        One transaction claims a whole batch, and the batch's execution folders are made in
-        a hop or a few to the file threads: a burst costs a few thread hops, not a few per task.
+        One transaction claims a whole batch; its execution folders were usually made ahead
+        by the folder helper, else they are asked for in one batch: a burst costs a hop or
+        two, not a few per task.
         """
         while self._accepting and (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
