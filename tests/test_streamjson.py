@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from corral.executor.changes import git_base, git_changestat
-from corral.executor.runner import RunRequest, open_envelope, prepare_exec_dirs
+from corral.executor.mkfolders import make_folder
+from corral.executor.runner import RunRequest, open_envelope
 from corral.executor.streamjson import (
     ChangeStat,
     EnvelopeWriter,
@@ -126,10 +127,11 @@ async def test_prepared_folders_are_opened_and_missing_ones_made(tmp_path: Path)
     ready, missing = tmp_path / "exec" / "1", tmp_path / "exec" / "2"
     blocked = tmp_path / "file" / "3"
     (tmp_path / "file").write_text("not a folder")
-    prepare_exec_dirs([ready, blocked])  # a folder it cannot make is left to the runner
+    for folder in (ready, blocked):  # a folder it cannot make is left to the runner
+        make_folder(os.fsencode(folder))
     assert (ready / "stdout.log").read_bytes() == b"" and not missing.exists()
     (ready / "stdout.log").write_bytes(b"kept\n")
-    prepare_exec_dirs([ready])  # made twice (a restart's recovery): nothing is truncated
+    make_folder(os.fsencode(ready))  # made twice (a restart's recovery): nothing is truncated
     assert (ready / "stdout.log").read_bytes() == b"kept\n"
     (ready / "stdout.log").write_bytes(b"")
     for exec_dir in (ready, missing):

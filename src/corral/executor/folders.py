@@ -167,7 +167,7 @@ def _helper_env() -> dict[str, str]:
 
 
 def _remove_unused(folders: Sequence[Path]) -> None:
-    name = os.fsdecode(STDOUT_LOG)
+    name = STDOUT_LOG
     for folder in folders:
         with contextlib.suppress(OSError):
             # Only what the helper made and nobody used: one empty stdout.log.

@@ -22,7 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-STDOUT_LOG = b"stdout.log"
+# The envelope's file in every execution folder (DESIGN.md); the runners take the name from here.
+STDOUT_LOG = "stdout.log"
+_STDOUT_LOG = os.fsencode(STDOUT_LOG)
 END = b"\0"
 ACK = b"."
 
@@ -36,7 +38,7 @@ def make_folder(folder: bytes) -> None:
             os.makedirs(folder, exist_ok=True)
         except FileExistsError:
             pass
-        os.close(os.open(folder + b"/" + STDOUT_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.close(os.open(folder + b"/" + _STDOUT_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
     except OSError:
         pass
 

@@ -9,19 +9,17 @@ agent (process group or HTTP stream) before letting ``CancelledError`` through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from corral.executor.mkfolders import STDOUT_LOG as STDOUT_LOG  # re-exported for readers
 from corral.executor.streamjson import ChangeStat, EnvelopeWriter
 
-# The two files of an execution's folder (DESIGN.md): the envelope, and what a child wrote
-# to stderr.
-STDOUT_LOG = "stdout.log"
+# The two files of an execution's folder (DESIGN.md): the envelope (named where the folder
+# helper makes it), and what a child wrote to stderr.
 STDERR_LOG = "stderr.log"
 
 
@@ -99,33 +97,14 @@ async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
 async def open_envelope(request: RunRequest) -> EnvelopeWriter:
     """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``.
 
-    When the pool has already made the folder and ``stdout.log`` (:func:`prepare_exec_dirs`),
-    opening an existing file is cheap enough for the event loop, and saves a thread hop.
+    When the folder helper has already made the folder and ``stdout.log``
+    (:mod:`corral.executor.mkfolders`), opening an existing file is cheap enough for the event
+    loop, and saves a thread hop.
     """
     try:
         return EnvelopeWriter(request.stdout_path, create=False)
     except FileNotFoundError:
         return await asyncio.to_thread(_make_writer, request)
-
-
-def prepare_exec_dirs(exec_dirs: Iterable[Path]) -> None:
-    """Make each execution's folder and an empty ``stdout.log`` (blocking: call in a thread).
-
-    Best effort: a folder that cannot be made here is made, or its error reported, by the
-    runner when it opens its logs.
-    """
-    for exec_dir in exec_dirs:
-        # Plain os calls on strings: this thread shares the GIL with the event loop, so the
-        # less Python between system calls, the less it takes from the loop.
-        folder = os.fspath(exec_dir)
-        with contextlib.suppress(OSError):
-            try:
-                os.mkdir(folder)
-            except FileNotFoundError:  # executions/ itself was removed under a running daemon
-                os.makedirs(folder, exist_ok=True)
-            except FileExistsError:
-                pass
-            os.close(os.open(folder + os.sep + STDOUT_LOG, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def _make_writer(request: RunRequest) -> EnvelopeWriter:
