@@ -43,6 +43,7 @@ class FolderMaker:
     def __init__(self, root: Path, *, ahead: int = 0) -> None:
         self.root = root
         self.ahead = ahead
+        self._prefix = os.fsencode(root) + b"/"
         self._helper: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._answers: collections.deque[Made] = collections.deque()  # batches sent, in order
@@ -81,16 +82,12 @@ class FolderMaker:
         """
         if not execution_ids:
             return []
-        ready: list[Made | None] = [self._ahead_made.pop(i, None) for i in execution_ids]
-        missing = [i for i, made in zip(execution_ids, ready, strict=True) if made is None]
-        now = self._ask([self.folder(i) for i in missing]) if missing else None
+        missing = [i for i in execution_ids if i not in self._ahead_made]
+        if missing:
+            now = self._ask(missing)
+            self._ahead_made.update(dict.fromkeys(missing, now))
+        done = [self._ahead_made.pop(i) for i in execution_ids]
         self._top_up(max(execution_ids))
-        done: list[Made] = []
-        for made in ready:
-            if made is None:
-                assert now is not None
-                made = now
-            done.append(made)
         return done
 
     def _top_up(self, last_claimed: int) -> None:
@@ -101,19 +98,18 @@ class FolderMaker:
         if start > end:
             return
         ids = range(start, end + 1)
-        made = self._ask([self.folder(i) for i in ids])
-        for i in ids:
-            self._ahead_made[i] = made
+        self._ahead_made.update(dict.fromkeys(ids, self._ask(ids)))
         self._next_ahead = end + 1
 
-    def _ask(self, folders: Sequence[Path]) -> Made:
+    def _ask(self, execution_ids: Sequence[int]) -> Made:
         made: Made = asyncio.get_running_loop().create_future()
         helper = self._helper
         if helper is None or helper.stdin is None or helper.stdin.is_closing() or self._closed:
             made.set_result(None)
             return made
         self._answers.append(made)
-        helper.stdin.write(b"".join(os.fsencode(f) + END for f in folders) + END)
+        helper.stdin.write(b"".join(b"%s%d%s" % (self._prefix, i, END) for i in execution_ids)
+                           + END)
         return made
 
     async def _read_answers(self, helper: asyncio.subprocess.Process) -> None:
