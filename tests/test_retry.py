@@ -9,9 +9,7 @@ import pytest
 from corral.errors import LLMError, RateLimitError
 from corral.retry import (
     backoff_delay,
-    is_rate_limit_error,
     parse_retry_after,
-    retry_after_from_text,
     run_with_backoff,
 )
 
@@ -32,18 +30,6 @@ NOW = 1_800_000_000.0
 ])
 def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
     assert parse_retry_after(headers, now=NOW) == expected
-
-
-def test_retry_after_read_back_from_an_error_message() -> None:
-    assert retry_after_from_text("rate limit: HTTP 429 …; retry-after: 30") == 30.0
-    assert retry_after_from_text("no hint here") is None
-
-
-def test_is_rate_limit_error() -> None:
-    assert is_rate_limit_error(RateLimitError("x", status=429))
-    assert is_rate_limit_error(LLMError("x", status=529))
-    assert is_rate_limit_error(RuntimeError("Rate limit reached"))
-    assert not is_rate_limit_error(LLMError("x", status=500))
 
 
 def test_backoff_grows_caps_and_jitters_down() -> None:

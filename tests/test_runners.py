@@ -18,6 +18,7 @@ from corral.executor.local import LocalRunner
 from corral.executor.runner import RunRequest, RunStatus
 from corral.executor.streamjson import read_events, summarize
 from corral.llm.client import Client
+from corral.models import ProcessIdentity
 from tests import peers
 from tests.conftest import until
 from tests.fakes.anthropic import FakeAnthropic
@@ -48,13 +49,15 @@ def group_alive(pgid: int) -> bool:
 
 
 class PgidLog:
-    """Collects the process group ids a runner reports through ``on_pgid``."""
+    """Collects the process groups a runner reports through ``on_process``."""
 
     def __init__(self) -> None:
         self.pgids: list[int | None] = []
+        self.processes: list[ProcessIdentity] = []
 
-    async def record(self, pgid: int | None) -> None:
-        self.pgids.append(pgid)
+    async def record(self, proc: ProcessIdentity) -> None:
+        self.processes.append(proc)
+        self.pgids.append(proc.pgid)
 
     @property
     def first(self) -> int | None:
@@ -189,7 +192,7 @@ async def test_claude_rate_limit_stops_the_retrying_cli(
     pgids = PgidLog()
 
     result = await claude(claude_env, max_rate_limit_retries=2).run(
-        request(tmp_path, on_pgid=pgids.record))
+        request(tmp_path, on_process=pgids.record))
     assert result.status == RunStatus.RATE_LIMITED, result.error
     assert result.retry_after_s is not None and result.retry_after_s > 0
     assert time.monotonic() - started < 30
@@ -203,7 +206,7 @@ async def test_claude_hang_times_out_and_group_is_gone(
     fake_anthropic.default = Hang()
     pgids = PgidLog()
 
-    result = await claude(claude_env).run(request(tmp_path, timeout_s=4, on_pgid=pgids.record))
+    result = await claude(claude_env).run(request(tmp_path, timeout_s=4, on_process=pgids.record))
     assert result.status == RunStatus.TIMED_OUT
     assert pgids.first is not None and not group_alive(pgids.first)
 
@@ -215,7 +218,7 @@ async def test_claude_cancel_mid_run_kills_group(
     fake_anthropic.default = Hang()
     pgids = PgidLog()
 
-    run = asyncio.create_task(claude(claude_env).run(request(tmp_path, on_pgid=pgids.record)))
+    run = asyncio.create_task(claude(claude_env).run(request(tmp_path, on_process=pgids.record)))
 
     async def requested() -> bool:
         return bool(fake_anthropic.requests)
@@ -306,7 +309,7 @@ async def test_gemini_hang_times_out(
     fake_gemini.default = Hang()
     pgids = PgidLog()
 
-    result = await gemini(gemini_env).run(request(tmp_path, timeout_s=4, on_pgid=pgids.record))
+    result = await gemini(gemini_env).run(request(tmp_path, timeout_s=4, on_process=pgids.record))
     assert result.status == RunStatus.TIMED_OUT
     assert pgids.first is not None and not group_alive(pgids.first)
 

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 
-import aiosqlite
-
 from corral.executor.pool import balance
-from corral.models import ExecStatus, TaskState
-from corral.storage.migrations import load_migrations
-from corral.storage.store import Store
+from corral.models import ExecStatus, Execution, Task, TaskState
+from corral.storage.migrate import load_migrations
+from corral.storage.sqlite import SqliteStore
 
 
-async def test_migrations_recorded_in_order(store: Store) -> None:
-    async with store.conn.execute("SELECT version, name FROM schema_migrations ORDER BY 1") as c:
-        rows = list(await c.fetchall())
+def sql(path: Path, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """One statement on a connection of the test's own, committed."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        return list(conn.execute(statement, params).fetchall())
+
+
+async def claim(
+    store: SqliteStore, free: dict[str, int], tmp: Path
+) -> tuple[Task, Execution] | None:
+    claimed = await store.claim_many(free, balance, tmp, limit=1)
+    return claimed[0] if claimed else None
+
+
+async def test_migrations_recorded_in_order(store: SqliteStore) -> None:
+    rows = sql(store.path, "SELECT version, name FROM schema_migrations ORDER BY 1")
     assert [r[0] for r in rows] == [m.version for m in load_migrations()]
     assert rows[0][1] == "0001_tasks_executions"
     assert rows[1][1] == "0002_execution_tokens"
@@ -23,34 +35,35 @@ async def test_migrations_recorded_in_order(store: Store) -> None:
 
 async def test_upgrade_from_0001_keeps_every_row(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    async with Store(path, migrate_upto=1) as old:
-        async with old.conn.execute("PRAGMA table_info(executions)") as cur:
-            columns = {row[1] for row in await cur.fetchall()}
+    async with SqliteStore(path, migrate_upto=1):
+        columns = {row[1] for row in sql(path, "PRAGMA table_info(executions)")}
         assert "cost_usd" in columns and "tokens_in" not in columns
-        for i in range(5):
-            task = await old.create_task(f"prompt {i}", agent="local", pinned=True)
-            await old.conn.execute(
-                "INSERT INTO executions (task_id, agent, status, started_at, cost_usd)"
-                " VALUES (?, 'claude', 'succeeded', 1.0, ?)", (task.id, 0.25 * i))
-    async with Store(path) as new:
+        for i in range(5):  # rows as the version-1 daemon wrote them
+            (task_id,), = sql(path, "INSERT INTO tasks (prompt, agent, pinned, created_at,"
+                              " updated_at) VALUES (?, 'local', 1, 1.0, 1.0) RETURNING id",
+                              (f"prompt {i}",))
+            sql(path, "INSERT INTO executions (task_id, agent, status, started_at, cost_usd,"
+                " log_path) VALUES (?, 'claude', 'succeeded', 1.0, ?, ?)",
+                (task_id, 0.25 * i, f"/logs/{i}"))
+    async with SqliteStore(path) as new:
         tasks = await new.list_tasks(limit=100)
         assert sorted(t.prompt for t in tasks) == [f"prompt {i}" for i in range(5)]
         executions = [e for t in tasks for e in await new.executions_for(t.id)]
         assert sorted(e.cost_usd or 0 for e in executions) == [0, 0.25, 0.5, 0.75, 1.0]
         assert all(e.tokens_in is None and e.tokens_out is None for e in executions)
-    async with aiosqlite.connect(path) as conn, conn.execute("PRAGMA integrity_check") as cur:
-        assert (await cur.fetchone()) == ("ok",)
+        assert sorted(e.log_dir or "" for e in executions) == [f"/logs/{i}" for i in range(5)]
+    assert sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
 async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    async with Store(path) as a, Store(path) as b:
+    async with SqliteStore(path) as a, SqliteStore(path) as b:
         for i in range(40):
             await a.create_task(f"t{i}", agent="local", pinned=True)
 
-        async def drain(s: Store) -> list[int]:
+        async def drain(s: SqliteStore) -> list[int]:
             got = []
-            while (claimed := await s.claim({"local": 100}, balance, tmp_path)):
+            while (claimed := await claim(s, {"local": 100}, tmp_path)):
                 got.append(claimed[0].id)
             return got
 
@@ -60,25 +73,25 @@ async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:
 
 
 async def test_claim_order_priority_then_age_and_agent_filter(
-    store: Store, tmp_path: Path
+    store: SqliteStore, tmp_path: Path
 ) -> None:
     low = await store.create_task("low", agent="local", pinned=True)
     high = await store.create_task("high", agent="local", pinned=True, priority=5)
     other = await store.create_task("claude", agent="claude", pinned=True, priority=9)
     unclassified = await store.create_task("auto")
-    first = await store.claim({"local": 2}, balance, tmp_path)
-    second = await store.claim({"local": 1}, balance, tmp_path)
+    first = await claim(store, {"local": 2}, tmp_path)
+    second = await claim(store, {"local": 1}, tmp_path)
     assert first and second and (first[0].id, second[0].id) == (high.id, low.id)
     assert first[0].attempts == 1 and first[0].state == TaskState.RUNNING
     assert first[1].status == ExecStatus.RUNNING and first[1].task_id == high.id
-    assert first[1].log_path == str(tmp_path / str(first[1].id))
-    assert await store.claim({"local": 1}, balance, tmp_path) is None
+    assert first[1].log_dir == str(tmp_path / str(first[1].id))
+    assert await claim(store, {"local": 1}, tmp_path) is None
     assert (await store.get_task(other.id)).state == TaskState.QUEUED
     assert (await store.get_task(unclassified.id)).state == TaskState.QUEUED
 
 
 async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
-    store: Store, tmp_path: Path
+    store: SqliteStore, tmp_path: Path
 ) -> None:
     local = [await store.create_task(f"l{i}", agent="local", pinned=True) for i in range(5)]
     claude = [await store.create_task(f"c{i}", agent="claude", pinned=True) for i in range(3)]
@@ -89,8 +102,8 @@ async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
     for task, execution in claimed:
         by_agent.setdefault(task.agent or "", []).append(task.id)
         assert execution.task_id == task.id and execution.agent == task.agent
-        assert execution.log_path == str(tmp_path / str(execution.id))
-        assert (await store.get_execution(execution.id)).log_path == execution.log_path
+        assert execution.log_dir == str(tmp_path / str(execution.id))
+        assert (await store.get_execution(execution.id)).log_dir == execution.log_dir
     # The unpinned task went first (priority) to the freest agent, so only two pinned local
     # tasks fit; a full agent's pinned tasks wait while the other agent's still get claimed.
     assert by_agent == {"local": [auto.id, local[0].id, local[1].id], "claude": [claude[0].id]}
@@ -101,13 +114,13 @@ async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
 
 
 async def test_a_claim_in_a_failed_shared_commit_is_redone_in_full(
-    store: Store, tmp_path: Path
+    store: SqliteStore, tmp_path: Path
 ) -> None:
     for i in range(3):
         await store.create_task(f"t{i}", agent="local", pinned=True)
 
     async def broken_write() -> None:
-        await store._group.write(lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"))
+        await store._db.group.write(lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"))
 
     # Both join one group commit, the claim first; the broken write sinks the shared
     # transaction, and each write is then retried on its own.
@@ -120,11 +133,11 @@ async def test_a_claim_in_a_failed_shared_commit_is_redone_in_full(
 
 
 async def test_recover_interrupted(tmp_path: Path) -> None:
-    async with Store(tmp_path / "r.db") as store:
+    async with SqliteStore(tmp_path / "r.db") as store:
         again = await store.create_task("again", agent="local", pinned=True, max_retries=1)
         spent = await store.create_task("spent", agent="local", pinned=True, max_retries=0)
         for _ in (again, spent):
-            assert await store.claim({"local": 2}, balance, tmp_path) is not None
+            assert await claim(store, {"local": 2}, tmp_path) is not None
         assert len(await store.running_executions()) == 2
         assert await store.recover_interrupted() == 2
         assert await store.running_executions() == []
@@ -135,10 +148,10 @@ async def test_recover_interrupted(tmp_path: Path) -> None:
 
 
 async def test_unpinned_tasks_are_balanced_to_the_freest_agent(
-    store: Store, tmp_path: Path
+    store: SqliteStore, tmp_path: Path
 ) -> None:
     task = await store.create_task("auto", agent="claude", classifier_reason="pick claude")
-    claimed = await store.claim({"claude": 1, "local": 3}, balance, tmp_path)
+    claimed = await claim(store, {"claude": 1, "local": 3}, tmp_path)
     assert claimed is not None
     assert claimed[0].agent == "local" and claimed[1].agent == "local"
     assert (await store.get_task(task.id)).classifier_reason == "pick claude; balanced to local"
@@ -150,7 +163,9 @@ def test_balance_prefers_free_capacity_then_the_classifier() -> None:
     assert balance(None, {"gemini": 2, "local": 2}) == "gemini"
 
 
-async def test_tasks_pinned_to_a_vanished_agent_go_back_to_the_classifier(store: Store) -> None:
+async def test_tasks_pinned_to_a_vanished_agent_go_back_to_the_classifier(
+    store: SqliteStore,
+) -> None:
     stranded = await store.create_task("x", agent="claude", pinned=True)
     kept = await store.create_task("y", agent="local", pinned=True)
     assert await store.unpin_unavailable(["local", "gemini"]) == 1
@@ -161,7 +176,7 @@ async def test_tasks_pinned_to_a_vanished_agent_go_back_to_the_classifier(store:
     assert (await store.get_task(kept.id)).pinned
 
 
-async def test_group_commit_keeps_every_write_and_isolates_a_bad_one(store: Store) -> None:
+async def test_group_commit_keeps_every_write_and_isolates_a_bad_one(store: SqliteStore) -> None:
     import asyncio
     import sqlite3
 
@@ -170,7 +185,7 @@ async def test_group_commit_keeps_every_write_and_isolates_a_bad_one(store: Stor
 
     results = await asyncio.gather(
         *(store.create_task(f"burst {n}") for n in range(50)),
-        store._group.write(bad),
+        store._db.group.write(bad),
         return_exceptions=True,
     )
     assert isinstance(results[-1], sqlite3.OperationalError)
@@ -178,3 +193,38 @@ async def test_group_commit_keeps_every_write_and_isolates_a_bad_one(store: Stor
     assert len(created) == 50
     stored = await store.list_tasks(limit=100)
     assert sorted(t.prompt for t in stored) == sorted(f"burst {n}" for n in range(50))
+
+
+async def test_reads_do_not_wait_for_a_long_write(tmp_path: Path) -> None:
+    """A read runs on its own connection while the writer is busy inside a transaction."""
+    import threading
+
+    async with SqliteStore(tmp_path / "rw.db") as store:
+        task = await store.create_task("kept", agent="local", pinned=True)
+        release = threading.Event()
+
+        def slow(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE tasks SET priority = 5 WHERE id = ?", (task.id,))
+            release.wait(10)
+
+        writing = asyncio.create_task(store._db.group.write(slow))
+        try:
+            async with asyncio.timeout(5):
+                seen = await store.get_task(task.id)
+        finally:
+            release.set()
+        await writing
+        assert seen.priority == 0  # the committed state, not the write in flight
+        assert (await store.get_task(task.id)).priority == 5
+
+
+async def test_recorded_process_identity_round_trips(store: SqliteStore, tmp_path: Path) -> None:
+    from corral.models import ProcessIdentity
+
+    await store.create_task("p", agent="local", pinned=True)
+    claimed = await claim(store, {"local": 1}, tmp_path)
+    assert claimed is not None
+    proc = ProcessIdentity(pgid=4242, started=123456, boot_id="boot-x")
+    await store.set_execution_process(claimed[1].id, proc)
+    assert await store.running_processes() == [proc]
+    assert (await store.get_execution(claimed[1].id)).pgid == 4242

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from corral.executor.changes import git_base, git_changestat
-from corral.executor.mkfolders import make_folder
 from corral.executor.runner import RunRequest, open_envelope
 from corral.executor.streamjson import (
     ChangeStat,
@@ -123,21 +122,14 @@ async def test_git_base_outside_a_repo(tmp_path: Path) -> None:
     assert await git_base(None) is None
 
 
-async def test_prepared_folders_are_opened_and_missing_ones_made(tmp_path: Path) -> None:
-    ready, missing = tmp_path / "exec" / "1", tmp_path / "exec" / "2"
+async def test_the_envelope_makes_its_folder_and_appends(tmp_path: Path) -> None:
+    exec_dir = tmp_path / "exec" / "1"
     blocked = tmp_path / "file" / "3"
     (tmp_path / "file").write_text("not a folder")
-    for folder in (ready, blocked):  # a folder it cannot make is left to the runner
-        make_folder(os.fsencode(folder))
-    assert (ready / "stdout.log").read_bytes() == b"" and not missing.exists()
-    (ready / "stdout.log").write_bytes(b"kept\n")
-    make_folder(os.fsencode(ready))  # made twice (a restart's recovery): nothing is truncated
-    assert (ready / "stdout.log").read_bytes() == b"kept\n"
-    (ready / "stdout.log").write_bytes(b"")
-    for exec_dir in (ready, missing):
+    for _ in range(2):  # opened twice (a resumed execution): nothing is truncated
         with await open_envelope(RunRequest(prompt="p", exec_dir=exec_dir)) as writer:
             writer.init(session_id=new_session_id(), model="m", cwd=None)
-        assert [e["type"] for e in read_events(exec_dir / "stdout.log")] == ["system"]
+    assert [e["type"] for e in read_events(exec_dir / "stdout.log")] == ["system", "system"]
     with pytest.raises(NotADirectoryError):
         await open_envelope(RunRequest(prompt="p", exec_dir=blocked))
 

@@ -71,6 +71,8 @@ class PoolSettings(_Section):
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_max_seconds: float = Field(default=60.0, ge=0)
     cooldown_default_seconds: float = Field(default=30.0, ge=0)
+    # A task sent back to the queue by rate limits more often than this fails instead.
+    max_rate_limit_requeues: int = Field(default=10, ge=0)
     kill_grace_seconds: float = Field(default=5.0, ge=0)
 
 
@@ -80,13 +82,13 @@ class _CliAgentSettings(_Section):
     extra_args: list[str] = Field(default_factory=list)
     timeout_seconds: float = Field(default=1800.0, gt=0)
     env: dict[str, str] = Field(default_factory=dict)
-    # The CLIs retry 429s for minutes; after this many announced retries corral stops the run
-    # and cools the agent down instead of holding a worker.
-    max_rate_limit_retries: int = Field(default=2, ge=0)
 
 
 class ClaudeSettings(_CliAgentSettings):
     binary: str = "claude"
+    # The CLI retries 429s for minutes, announcing each retry; after this many corral stops
+    # the run and cools the agent down instead of holding a worker.
+    max_rate_limit_retries: int = Field(default=2, ge=0)
     permission_mode: str = "acceptEdits"
     strip_api_key: bool = False
 
@@ -95,6 +97,9 @@ class GeminiSettings(_CliAgentSettings):
     binary: str = "gemini"
     approval_mode: str = "auto_edit"
     model: str = "gemini-2.5-flash"
+    # While the CLI retries a per-minute 429 by itself, corral stops it after this many
+    # failed attempts it logged, and cools the agent down instead of holding a worker.
+    max_rate_limit_retries: int = Field(default=2, ge=0)
 
 
 class LocalModelSettings(_Section):

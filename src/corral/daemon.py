@@ -31,10 +31,11 @@ from corral.executor.local import LocalRunner
 from corral.executor.pool import Pool
 from corral.executor.proc import kill_group, resolve_binary
 from corral.executor.runner import Runner
+from corral.host import procs
 from corral.llm.client import Client
-from corral.models import Execution
+from corral.models import ProcessIdentity
 from corral.server.app import build_app
-from corral.storage.store import Store
+from corral.storage.sqlite import SqliteStore
 
 log = logging.getLogger("corral")
 # Allocations between young-generation collections (CPython defaults to 700).
@@ -45,12 +46,40 @@ class SocketInUse(ConfigError):
     code = "socket_in_use"
 
 
+class UnsafeSocketFolder(ConfigError):
+    code = "unsafe_socket_folder"
+
+
+def check_socket_folder(folder: Path) -> None:
+    """Make the socket's folder 0700 if it is absent; refuse one another user could tamper with.
+
+    As tmux and ssh-agent do: a folder owned by someone else, or open to the group or to
+    others, lets them replace the socket with their own and read every prompt the CLI sends.
+    Nobody else's folder is ever chmod-ed.
+    """
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(folder, 0o700)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeSocketFolder(f"socket folder {folder} is not a folder (a symlink?)")
+    if info.st_uid != os.getuid():
+        raise UnsafeSocketFolder(
+            f"socket folder {folder} belongs to uid {info.st_uid}, not to this user"
+            f" ({os.getuid()}); remove it or set [daemon] socket_path elsewhere")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise UnsafeSocketFolder(
+            f"socket folder {folder} is open to other users"
+            f" (mode {stat.S_IMODE(info.st_mode):o}); make it 0700 (chmod 700 {folder})")
+
+
 def prepare_socket(path: Path) -> None:
-    """Make the socket's folder (0700) and clear a stale socket; refuse a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    parent = path.parent.stat()
-    if parent.st_uid == os.getuid() and stat.S_IMODE(parent.st_mode) != 0o700:
-        os.chmod(path.parent, 0o700)
+    """Check the socket's folder and clear a stale socket; refuse a live one."""
+    check_socket_folder(path.parent)
     if not path.exists() and not path.is_symlink():
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -99,10 +128,11 @@ def build_runners(settings: Settings, env: Mapping[str, str]) -> Agents:
     client = None
     lm = settings.local_model
     if lm.endpoint:
+        # No total bound of the client's own: a task's timeout (else the agent's default,
+        # [local_model] timeout_seconds) is the one bound on a run, the classifier has its own.
         client = Client(
             lm.endpoint, lm.model, lm.api_key.get_secret_value() if lm.api_key else None,
-            timeout_s=lm.timeout_seconds, connect_timeout_s=lm.connect_timeout_seconds,
-            idle_timeout_s=lm.idle_timeout_seconds,
+            connect_timeout_s=lm.connect_timeout_seconds, idle_timeout_s=lm.idle_timeout_seconds,
         )
         runners["local"] = LocalRunner(client, timeout_s=lm.timeout_seconds,
                                        temperature=lm.default_temperature,
@@ -149,25 +179,14 @@ def build_classifier(settings: Settings, agents: Agents, env: Mapping[str, str])
     )
 
 
-def kill_orphans(executions: list[Execution]) -> int:
-    """Kill process groups left by executions of a daemon that died; returns how many."""
-    killed = 0
-    for execution in executions:
-        pgid = execution.pgid
-        if not pgid or not _looks_like_agent(pgid, execution.agent):
-            continue
-        if kill_group(pgid, signal.SIGKILL):
-            killed += 1
-    return killed
+def kill_orphans(recorded: list[ProcessIdentity]) -> int:
+    """Kill process groups left by executions of a daemon that died; returns how many.
 
-
-def _looks_like_agent(pgid: int, agent: str) -> bool:
-    # A recorded pgid may have been reused by an unrelated process after a reboot.
-    try:
-        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return agent.encode() in cmdline or b"node" in cmdline
+    Only a group whose leader is exactly the process that daemon started (same pid, start
+    time and boot) is killed: a pid reused by an unrelated process is left alone.
+    """
+    return sum(1 for proc in recorded
+               if procs.is_alive_and_same(proc) and kill_group(proc.pgid, signal.SIGKILL))
 
 
 @contextlib.asynccontextmanager
@@ -186,11 +205,11 @@ async def running_daemon(
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(os.close, lock_data_dir(data_dir))  # released last, after the store
         store = await stack.enter_async_context(
-            Store(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous)
+            SqliteStore(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous)
         )
         # Kill what a dead daemon left running first, so no orphan edits files while its
         # task is requeued; then record the interruption.
-        killed = kill_orphans(await store.running_executions())
+        killed = kill_orphans(await store.running_processes())
         interrupted = await store.recover_interrupted()
         if interrupted:
             log.warning("recovered %d executions interrupted by a previous daemon (%d process"
@@ -201,8 +220,10 @@ async def running_daemon(
         pool = Pool(store, agents.runners, classifier, settings.pool, data_dir / "executions",
                     unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds)
         app = build_app(pool, store, max_request_bytes=settings.daemon.max_request_bytes)
+        # A handler whose client has gone is cancelled: a follower of a log stops at once.
+        # Handlers that change state shield that work (server.app).
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=1.0)
+                               shutdown_timeout=1.0, handler_cancellation=True)
         await runner.setup()
         stack.callback(socket_path.unlink, missing_ok=True)
         stack.push_async_callback(runner.cleanup)

@@ -62,6 +62,7 @@ class Task:
     max_retries: int = 0
     timeout_s: float | None = None
     error: str | None = None
+    rate_limit_requeues: int = 0
     run_after: float = 0.0
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -94,20 +95,27 @@ class Execution:
     files_changed: int | None = None
     insertions: int | None = None
     deletions: int | None = None
-    log_path: str | None = None
+    log_dir: str | None = None
     pgid: int | None = None
-
-    @property
-    def duration_ms(self) -> int | None:
-        if self.finished_at is None:
-            return None
-        return int((self.finished_at - self.started_at) * 1000)
+    duration_ms: int | None = None  # set from the two times by whoever reads them
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in _EXECUTION_FIELDS}
         data["status"] = str(self.status)
-        data["duration_ms"] = self.duration_ms
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """A process group leader as the kernel knows it: pid (= pgid), start time, boot.
+
+    A pid alone can be reused by an unrelated process, above all after a reboot; the start time
+    (clock ticks since boot) and the boot's id together name exactly one process.
+    """
+
+    pgid: int
+    started: int | None
+    boot_id: str | None
 
 
 _TASK_FIELDS = tuple(f.name for f in fields(Task) if f.name != "executions")

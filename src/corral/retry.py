@@ -10,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from corral.errors import LLMError, RateLimitError
-
 T = TypeVar("T")
 
 MAX_RETRY_AFTER_S = 3600.0
+# 429 Too Many Requests, and Anthropic's 529 Overloaded.
 RATE_LIMIT_STATUSES = frozenset({429, 529})
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# Worth another try soon: rate limits, and a server or gateway that is briefly unavailable.
+# A 500 is not: a local server answers it for a request it will never accept (llama.cpp's
+# "tools param requires --jinja flag").
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504, 529})
 
 Sleep = Callable[[float], Awaitable[None]]
-
-_RETRY_AFTER_TEXT = re.compile(r"retry[- ]after:?\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
 
 def parse_retry_after(
@@ -62,22 +61,6 @@ def _clamp(value: float, cap_s: float) -> float | None:
     if value != value:  # NaN
         return None
     return max(0.0, min(value, cap_s))
-
-
-def retry_after_from_text(text: str) -> float | None:
-    """Reads ``retry-after: N`` back out of an error message (what the pool sees of a peer)."""
-    match = _RETRY_AFTER_TEXT.search(text)
-    return float(match.group(1)) if match else None
-
-
-def is_rate_limit_error(exc: BaseException) -> bool:
-    """True for a 429/529 from any peer, or an error whose text says it was rate limited."""
-    if isinstance(exc, RateLimitError):
-        return True
-    if isinstance(exc, LLMError) and exc.status in RATE_LIMIT_STATUSES:
-        return True
-    text = str(exc).lower()
-    return "rate limit" in text or "rate_limit" in text or "resource_exhausted" in text
 
 
 def backoff_delay(

@@ -1,4 +1,5 @@
-"""Measure what a run changed in a git working dir: from the commit at start to the tree at end.
+"""Measure what a run changed: in a git working dir from the commit at start to the tree at end,
+elsewhere from the ``N files changed, …`` line the agent's own answer ends with, if any.
 
 Untracked files count. A throwaway index is used so the user's own index is never touched.
 """
@@ -58,3 +59,12 @@ async def git_changestat(workdir: Path | None, base: str | None) -> ChangeStat |
     if code != 0:
         return None
     return parse_changestat(out) or ChangeStat(0, 0, 0)
+
+
+async def measure_changes(
+    workdir: Path | None, base: str | None, final_text: str | None
+) -> ChangeStat | None:
+    """git's measurement where the working dir is a repository, else the agent's own words."""
+    if workdir is not None and base is not None:
+        return await git_changestat(workdir, base)
+    return parse_changestat(final_text) if final_text else None

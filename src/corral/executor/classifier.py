@@ -133,16 +133,18 @@ class Classifier:
         if binary is None:
             raise OSError(f"{self.gemini_binary} not found on PATH")
         text = "\n".join(m.content for m in self._messages(prompt))
-        argv = [binary, "-p", text, "--output-format", "json", "--skip-trust"]
+        # The question goes on stdin, as the runner sends prompts: no argv length limit, and
+        # never visible in `ps`. The CLI puts stdin before -p's (empty) value.
+        argv = [binary, "-p", "", "--output-format", "json", "--skip-trust"]
         if self.gemini_model:
             argv += ["-m", self.gemini_model]
         proc = await asyncio.create_subprocess_exec(
-            *argv, env=self.gemini_env, stdin=asyncio.subprocess.DEVNULL,
+            *argv, env=self.gemini_env, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
         try:
-            out, _ = await proc.communicate()
+            out, _ = await proc.communicate(text.encode("utf-8", "surrogateescape"))
         finally:
             if proc.returncode is None:  # timed out: end the CLI and everything it started
                 kill_group(proc.pid, signal.SIGKILL)

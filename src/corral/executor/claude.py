@@ -3,7 +3,10 @@
 Lines the CLI prints are kept byte for byte in ``stdout.log``. The runner watches them for the
 ``result`` (cost, tokens, session, ``is_error``) and for rate limits: the CLI retries a 429 by
 itself for minutes, so after a few announced retries corral stops it and reports a rate limit,
-letting the pool cool the agent down and route other work around it.
+letting the pool cool the agent down and route other work around it. A rate limit is known
+only from the CLI's structured fields (``system/api_retry``'s ``error_status``, a
+``rate_limit_event`` that was ``rejected``, the result's ``api_error_status``), never from
+words in a message, which may quote anything.
 """
 
 from __future__ import annotations
@@ -24,11 +27,9 @@ from corral.executor.streamjson import (
     parse_line,
     trim,
 )
-from corral.retry import RATE_LIMIT_STATUSES, retry_after_from_text
+from corral.retry import RATE_LIMIT_STATUSES
 
 log = logging.getLogger(__name__)
-
-_RATE_LIMIT_WORDS = ("rate limit", "rate_limit", "429", "overloaded", "usage limit")
 
 
 class ClaudeRunner(CliRunner):
@@ -42,10 +43,12 @@ class ClaudeRunner(CliRunner):
         *,
         permission_mode: str = "acceptEdits",
         strip_api_key: bool = False,
+        max_rate_limit_retries: int = 2,
         env: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(env=env, **kwargs)
+        self.max_rate_limit_retries = max_rate_limit_retries
         self.permission_mode = permission_mode
         self.strip_api_key = strip_api_key
         if "ANTHROPIC_API_KEY" in self.base_env and not strip_api_key:
@@ -124,8 +127,7 @@ class _ClaudeHandler(CliHandler):
 
     def _api_retry(self, event: dict[str, Any]) -> Stop | None:
         status = event.get("error_status")
-        error = str(event.get("error") or "")
-        if status not in RATE_LIMIT_STATUSES and "rate" not in error:
+        if status not in RATE_LIMIT_STATUSES:
             return None
         self.retries_seen += 1
         delay_ms = event.get("retry_delay_ms")
@@ -148,6 +150,7 @@ class _ClaudeHandler(CliHandler):
             status=RunStatus.SUCCEEDED, summary=trim(s.result_text or s.last_assistant_text),
             cost_usd=s.cost_usd, tokens_in=s.tokens_in, tokens_out=s.tokens_out,
             session_id=s.session_id, exit_code=outcome.exit_code, model=s.model,
+            final_text=s.result_text or s.last_assistant_text,
         )
         if outcome.start_error:
             base.status, base.error = RunStatus.FAILED, outcome.start_error
@@ -155,8 +158,6 @@ class _ClaudeHandler(CliHandler):
         if self.rate_limited or self._result_is_rate_limit():
             base.status = RunStatus.RATE_LIMITED
             base.retry_after_s = self.retry_after_s
-            if base.retry_after_s is None and s.result_text:
-                base.retry_after_s = retry_after_from_text(s.result_text)
             base.error = f"claude: rate limited{_after(base.retry_after_s)}"
             return base
         if s.has_result and not s.is_error and outcome.exit_code in (0, None):
@@ -173,12 +174,7 @@ class _ClaudeHandler(CliHandler):
 
     def _result_is_rate_limit(self) -> bool:
         s = self.summary
-        if not s.has_result or not s.is_error:
-            return False
-        if _api_status(s) in RATE_LIMIT_STATUSES:
-            return True
-        text = (s.result_text or "").lower()
-        return any(word in text for word in _RATE_LIMIT_WORDS)
+        return bool(s.has_result and s.is_error and _api_status(s) in RATE_LIMIT_STATUSES)
 
 
 def _api_status(summary: EnvelopeSummary) -> int | None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import BinaryIO
 
 from corral.config import looks_secret
-from corral.executor.changes import git_base, git_changestat
+from corral.executor.changes import git_base, measure_changes
 from corral.executor.proc import LineHandler, ProcOutcome, resolve_binary, run_agent_process
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_logs
 from corral.executor.streamjson import EnvelopeWriter
@@ -43,7 +43,6 @@ class CliRunner(ABC):
         timeout_s: float,
         env: Mapping[str, str] | None = None,
         kill_grace_s: float = 5.0,
-        max_rate_limit_retries: int = 2,
     ) -> None:
         self.binary = binary
         self.model = model or None
@@ -51,7 +50,6 @@ class CliRunner(ABC):
         self.timeout_s = timeout_s
         self.base_env = dict(os.environ if env is None else env)
         self.kill_grace_s = kill_grace_s
-        self.max_rate_limit_retries = max_rate_limit_retries
 
     def unavailable_reason(self) -> str | None:
         if resolve_binary(self.binary, self.base_env) is None:
@@ -97,7 +95,7 @@ class CliRunner(ABC):
                     stderr_file=stderr,
                     timeout_s=timeout_s,
                     kill_grace_s=self.kill_grace_s,
-                    on_pgid=request.on_pgid,
+                    on_process=request.on_process,
                     secrets=self.secrets(),
                 )
             except asyncio.CancelledError:
@@ -115,7 +113,7 @@ class CliRunner(ABC):
             elif outcome.stopped is not None:
                 _write_end(w, outcome.stopped.reason, started)
             result.model = result.model or model
-        result.apply_changes(await git_changestat(request.workdir, base))
+        result.apply_changes(await measure_changes(request.workdir, base, result.final_text))
         return result
 
     def _missing_binary(self, writer: EnvelopeWriter, stderr: BinaryIO) -> RunResult:

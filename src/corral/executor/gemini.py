@@ -2,12 +2,17 @@
 
 Gemini prints its own JSON Lines (init, message, tool_use, tool_result, error, result); each is
 rewritten as the envelope event Claude would have printed. Noise lines (warnings, startup
-timings) go to ``stderr.log``. Quota errors become rate-limit results, including the per-minute
-case where the CLI retries silently and only its stderr shows ``status: 429``.
+timings) go to ``stderr.log``. A rate limit is known from structured output only: the
+``result`` event's ``error.type`` (the CLI's quota error classes), its exit code 173 (HTTP 429
+mod 256), or, while the CLI retries a per-minute limit by itself for minutes with nothing on
+stdout, the API's own error object that it logs on stderr for each failed attempt
+(``{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}``): after a few of those corral
+stops it, as it does claude, and the pool cools the agent down.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, BinaryIO
 
@@ -20,7 +25,6 @@ from corral.executor.streamjson import (
     parse_line,
     trim,
 )
-from corral.retry import retry_after_from_text
 
 EXIT_CODES = {
     1: "gemini failed (exit 1)",
@@ -32,16 +36,21 @@ EXIT_CODES = {
     130: "gemini was cancelled (exit 130)",
     173: "gemini quota exhausted (exit 173, HTTP 429)",
 }
-_QUOTA_WORDS = ("resource_exhausted", "terminalquotaerror", "quota", "429", "rate limit")
+EXIT_RATE_LIMITED = 173  # the CLI exits with the HTTP status, 429, mod 256
+# The CLI's own error classes for a quota or rate limit, named in ``result.error.type``.
+QUOTA_ERROR_TYPES = frozenset({"TerminalQuotaError", "RetryableQuotaError"})
 
 
 class GeminiRunner(CliRunner):
     name = "gemini"
     install_hint = "install it with `npm install -g @google/gemini-cli` or set [gemini] binary"
 
-    def __init__(self, *, approval_mode: str = "auto_edit", **kwargs: Any) -> None:
+    def __init__(
+        self, *, approval_mode: str = "auto_edit", max_rate_limit_retries: int = 2, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.approval_mode = approval_mode
+        self.max_rate_limit_retries = max_rate_limit_retries
 
     def argv(self, binary: str, request: RunRequest, model: str | None) -> list[str]:
         # The prompt goes on stdin (the CLI prepends stdin to -p's empty value): no argv length
@@ -60,17 +69,18 @@ class GeminiRunner(CliRunner):
         self, writer: EnvelopeWriter, stderr: BinaryIO, request: RunRequest, model: str | None
     ) -> CliHandler:
         cwd = str(request.workdir) if request.workdir else None
-        return _GeminiHandler(writer, stderr, self.max_rate_limit_retries, model, cwd)
+        return _GeminiHandler(writer, stderr, model, cwd, self.max_rate_limit_retries)
 
 
 class _GeminiHandler(CliHandler):
     def __init__(
-        self, writer: EnvelopeWriter, stderr: BinaryIO, max_retries: int,
-        model: str | None, cwd: str | None,
+        self, writer: EnvelopeWriter, stderr: BinaryIO, model: str | None, cwd: str | None,
+        max_retries: int,
     ) -> None:
         self.w = writer
         self.stderr = stderr
         self.max_retries = max_retries
+        self.quota_retries = 0
         self.model = model
         self.cwd = cwd
         self.session_id: str | None = None
@@ -79,7 +89,6 @@ class _GeminiHandler(CliHandler):
         self.result_event: dict[str, Any] | None = None
         self.tokens_in: int | None = None
         self.tokens_out: int | None = None
-        self.stderr_429s = 0
         self.stderr_tail: list[str] = []
         self.started = time.monotonic()
         self._final_text = ""  # streamed text already closed into assistant messages
@@ -169,9 +178,9 @@ class _GeminiHandler(CliHandler):
         if not text:
             return None
         self.stderr_tail = [*self.stderr_tail[-4:], text]
-        if "status: 429" in text or '"code": 429' in text or "code: 429" in text:
-            self.stderr_429s += 1
-            if self.stderr_429s >= max(self.max_retries, 1):
+        if _is_quota_error(_api_error_in(text)):
+            self.quota_retries += 1
+            if self.quota_retries >= max(self.max_retries, 1):
                 return Stop("rate limited (HTTP 429); gemini was retrying, corral stopped it")
         return None
 
@@ -180,7 +189,7 @@ class _GeminiHandler(CliHandler):
         out = RunResult(
             status=RunStatus.SUCCEEDED, summary=summary, cost_usd=None,
             tokens_in=self.tokens_in, tokens_out=self.tokens_out, session_id=self.session_id,
-            exit_code=outcome.exit_code, model=self.model,
+            exit_code=outcome.exit_code, model=self.model, final_text=self.w.text,
         )
         if outcome.start_error:
             out.status, out.error = RunStatus.FAILED, outcome.start_error
@@ -188,7 +197,6 @@ class _GeminiHandler(CliHandler):
         if self._rate_limited(outcome):
             text = " ".join(self.errors)
             out.status = RunStatus.RATE_LIMITED
-            out.retry_after_s = retry_after_from_text(text)
             out.error = "gemini: rate limited or quota exhausted" + (
                 f": {trim(text, 300)}" if text else ""
             )
@@ -207,12 +215,28 @@ class _GeminiHandler(CliHandler):
         return out
 
     def _rate_limited(self, outcome: ProcOutcome) -> bool:
-        if outcome.stopped is not None or outcome.exit_code == 173:
+        if outcome.exit_code == EXIT_RATE_LIMITED or outcome.stopped is not None:
             return True
-        if self.result_event is None or self.result_event.get("status") == "success":
-            return False
-        text = " ".join(self.errors).lower()
-        return any(word in text for word in _QUOTA_WORDS)
+        error = (self.result_event or {}).get("error")
+        return isinstance(error, dict) and error.get("type") in QUOTA_ERROR_TYPES
+
+
+def _api_error_in(text: str) -> dict[str, Any] | None:
+    """The Google API error object a log line carries (``{"error": {...}}``), if any."""
+    start = text.find('{"error"')
+    if start < 0:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, start)
+    except ValueError:
+        return None
+    error = value.get("error") if isinstance(value, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _is_quota_error(error: dict[str, Any] | None) -> bool:
+    return error is not None and (
+        error.get("status") == "RESOURCE_EXHAUSTED" or error.get("code") == 429)
 
 
 def _int(value: object) -> int | None:

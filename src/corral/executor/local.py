@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from corral.errors import LLMError, RateLimitError
-from corral.executor.changes import git_base, git_changestat
+from corral.executor.changes import git_base, measure_changes
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_envelope
 from corral.executor.streamjson import EnvelopeWriter, new_message_id, new_session_id, trim
 from corral.llm.client import ChatRequest, ChatResponse, Client, Message
@@ -71,7 +71,7 @@ class LocalRunner:
                 self._failed(writer, session_id, started, RunStatus.FAILED, "cancelled")
                 raise
             result = self._succeeded(writer, session_id, started, response, model)
-        result.apply_changes(await git_changestat(request.workdir, base))
+        result.apply_changes(await measure_changes(request.workdir, base, result.final_text))
         return result
 
     def _succeeded(
@@ -89,7 +89,7 @@ class LocalRunner:
         return RunResult(
             status=RunStatus.SUCCEEDED, summary=trim(response.content), cost_usd=0.0,
             tokens_in=response.prompt_tokens, tokens_out=response.output_tokens,
-            session_id=session_id, model=model or response.model,
+            session_id=session_id, model=model or response.model, final_text=response.content,
         )
 
     def _failed(

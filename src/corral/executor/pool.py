@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,18 +25,24 @@ from typing import Any, Self
 from corral.config import PoolSettings
 from corral.errors import BadRequest, Conflict, ShuttingDown
 from corral.executor.classifier import Classifier
-from corral.executor.folders import FolderMaker
 from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus
-from corral.models import AUTO, KNOWN_AGENTS, ExecStatus, Execution, Task, TaskState
+from corral.executor.watch import Watchers
+from corral.models import (
+    AUTO,
+    KNOWN_AGENTS,
+    ExecStatus,
+    Execution,
+    ProcessIdentity,
+    Task,
+    TaskState,
+)
 from corral.retry import backoff_delay
-from corral.storage.store import Store
+from corral.storage.base import Store
 
 log = logging.getLogger(__name__)
 
 CLASSIFY_CONCURRENCY = 4
 _MAX_IDLE_WAIT_S = 60.0
-# Execution folders kept made ahead of need, per slot: enough for the next batch of claims.
-_FOLDERS_AHEAD_PER_SLOT = 2
 
 
 @dataclass(slots=True)
@@ -61,7 +66,7 @@ class AgentSlot:
 @dataclass(slots=True)
 class _Job:
     task: Task
-    agent: AgentSlot
+    slot: AgentSlot
     execution: Execution
     folder: Path
     worker: asyncio.Task[None] | None = None
@@ -106,19 +111,15 @@ class Pool:
             name: AgentSlot(name, runner, settings.max_concurrent.for_agent(name))
             for name, runner in runners.items()
         }
-        self._jobs: dict[int, _Job] = {}
+        self._jobs: dict[int, _Job] = {}  # by task id
+        self._running_executions: set[int] = set()
         self._wake = asyncio.Event()
-        self._final_events: dict[int, asyncio.Event] = {}
+        self._watchers = Watchers()
         self._classify_sem = asyncio.Semaphore(CLASSIFY_CONCURRENCY)
         self._classifying: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
-        # Execution folders are made on threads, so a slow disk never stalls the event loop.
-        self._files = FolderMaker(executions_dir,
-                                  ahead=_FOLDERS_AHEAD_PER_SLOT * settings.max_workers)
         self._accepting = False
         self._shutdown: asyncio.Task[None] | None = None
-        # When delayed retries become ready: kept here so dispatching needs no query for it.
-        self._ready_times: list[float] = []
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -132,15 +133,11 @@ class Pool:
         await self.shutdown()
 
     async def start(self) -> None:
-        self.executions_dir.mkdir(parents=True, exist_ok=True)
-        await self._files.start(await self.store.next_execution_id())
+        await asyncio.to_thread(self.executions_dir.mkdir, parents=True, exist_ok=True)
         self._accepting = True
         await self.store.unpin_unavailable(self.agents)
         for task in await self.store.unclassified():
             self._classify_later(task)
-        ready_at = await self.store.next_ready_at()
-        if ready_at is not None:
-            heapq.heappush(self._ready_times, ready_at)
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="corral-dispatcher")
 
     async def shutdown(self, grace_s: float | None = None) -> None:
@@ -177,7 +174,6 @@ class Pool:
                     job.cancel_reason = "shutdown"
                     job.worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self._files.close()
 
     @property
     def accepting(self) -> bool:
@@ -246,20 +242,34 @@ class Pool:
 
     async def wait_final(self, task_id: int, timeout_s: float) -> Task:
         """The task once it is final, or as it is when ``timeout_s`` runs out."""
-        event = self._final_events.setdefault(task_id, asyncio.Event())
-        task = await self.store.get_task(task_id)
-        if not task.state.final:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
+        with self._watchers.watch(("task", task_id)) as changed:
             task = await self.store.get_task(task_id)
-        if task.state.final:
-            self._final_events.pop(task_id, None)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not task.state.final:
+                        await changed.wait()
+                        changed.clear()
+                        task = await self.store.get_task(task_id)
+            except TimeoutError:
+                task = await self.store.get_task(task_id)
         return task
 
     def _finalised(self, task_id: int) -> None:
-        event = self._final_events.pop(task_id, None)
-        if event is not None:
-            event.set()
+        self._watchers.notify(("task", task_id))
+
+    def watch_task(self, task_id: int) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set whenever the task starts an execution or reaches a final state."""
+        return self._watchers.watch(("task", task_id))
+
+    def watch_execution(
+        self, execution_id: int
+    ) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set whenever the execution's logs grow, and when it ends."""
+        return self._watchers.watch(("execution", execution_id))
+
+    def execution_running(self, execution_id: int) -> bool:
+        """Whether this daemon is running the execution now (its log may still grow)."""
+        return execution_id in self._running_executions
 
     def agents_state(self) -> list[dict[str, Any]]:
         now = self.clock()
@@ -289,6 +299,10 @@ class Pool:
         self._classifying.add(job)
         job.add_done_callback(self._classifying.discard)
 
+    def _why_unavailable(self, agent: str) -> str:
+        """In the words ``corral agents`` uses."""
+        return f"{agent} is unavailable: {self.unavailable.get(agent, 'not configured')}"
+
     async def _classify(self, task: Task) -> None:
         async with self._classify_sem:
             if self.classifier is None or not self.agents:
@@ -302,15 +316,18 @@ class Pool:
                 decision = await self.classifier.classify(task.prompt)
                 agent, decision_model, reason = decision.agent, decision.model, decision.reason
             if task.requested_agent and task.requested_agent not in (AUTO, agent):
-                reason = f"{task.requested_agent} is not registered; {reason}"
+                reason = f"{self._why_unavailable(task.requested_agent)}; {reason}"
             await self.store.set_classification(
                 task.id, agent=agent, model=task.requested_model or decision_model, reason=reason
             )
         self.wake()
 
     async def _fail_unplaceable(self, task: Task) -> None:
+        names = [task.requested_agent] if task.requested_agent not in (None, AUTO) else []
+        names += [a for a in KNOWN_AGENTS if a not in names]
+        why = "; ".join(self._why_unavailable(a) for a in names if a is not None)
         await self.store.update_task(task.id, state=TaskState.FAILED,
-                                     error="no agent is registered to run this task")
+                                     error=f"no agent can run this task: {why}")
         self._finalised(task.id)
 
     # -- dispatching ----------------------------------------------------------------------------
@@ -320,7 +337,8 @@ class Pool:
         while self._accepting:
             self._wake.clear()
             try:
-                delay = await self._fill()
+                await self._fill()
+                delay = await self._next_wake_delay()
             except Exception:  # a database hiccup must not stop dispatching for good
                 log.exception("dispatcher failed; retrying")
                 delay = 1.0
@@ -332,59 +350,50 @@ class Pool:
             finally:
                 timer.cancel()
 
-    async def _fill(self) -> float:
-        """Start as many ready tasks as slots allow; return how long to sleep at most.
-
-        One transaction claims a whole batch; its execution folders were usually made ahead
-        by the folder helper, else they are asked for in one batch: a burst costs a hop or
-        two, not a few per task.
-        """
+    async def _fill(self) -> None:
+        """Start as many ready tasks as slots allow: one transaction claims a whole batch."""
         while self._accepting and (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
             free = {a.name: a.free(now) for a in self.agents.values() if a.free(now) > 0}
             claimed = await self.store.claim_many(free, balance, self.executions_dir, limit=room)
-            if not claimed:
-                break
-            folders = [Path(execution.log_path or "") for _, execution in claimed]
-            ready = self._files.make([execution.id for _, execution in claimed])
-            for (task, execution), folder, made in zip(claimed, folders, ready, strict=True):
+            for task, execution in claimed:
                 slot = self.agents[task.agent or ""]
-                job = _Job(task, slot, execution, folder)
+                job = _Job(task, slot, execution, Path(execution.log_dir or ""))
                 self._jobs[task.id] = job
+                self._running_executions.add(execution.id)
                 slot.running += 1
-                job.worker = asyncio.create_task(self._run(job, made),
-                                                 name=f"corral-task-{task.id}")
+                job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
+                self._watchers.notify(("task", task.id))
             if len(claimed) < room:
                 break
-        return self._next_wake_delay()
 
-    def _next_wake_delay(self) -> float:
+    async def _next_wake_delay(self) -> float:
+        """Until the next cool-down ends or delayed retry is due, whichever is first.
+
+        The store's ``run_after`` is the one record of when a retry is due, so a restart
+        loses no wake-up.
+        """
         now = self.clock()
         moments = [a.cooldown_until for a in self.agents.values() if a.cooldown_until > now]
-        while self._ready_times and self._ready_times[0] <= now:
-            heapq.heappop(self._ready_times)
-        if self._ready_times:
-            moments.append(self._ready_times[0])
+        ready_at = await self.store.next_ready_at()
+        if ready_at is not None:
+            moments.append(ready_at)
         if not moments:
             return _MAX_IDLE_WAIT_S
-        return max(min(moments) - now, 0.01)
+        return min(max(min(moments) - self.clock(), 0.01), _MAX_IDLE_WAIT_S)
 
     # -- running one attempt --------------------------------------------------------------------
 
-    async def _run(self, job: _Job, folders_ready: asyncio.Future[None]) -> None:
-        task, slot, execution = job.task, job.agent, job.execution
+    async def _run(self, job: _Job) -> None:
+        task, slot, execution = job.task, job.slot, job.execution
         try:
             request = RunRequest(
                 prompt=task.prompt, exec_dir=job.folder, model=task.model,
                 workdir=Path(task.workdir) if task.workdir else None, timeout_s=task.timeout_s,
-                on_pgid=_pgid_recorder(self.store, execution.id),
+                on_process=self._process_recorder(execution.id),
+                on_output=lambda: self._watchers.notify(("execution", execution.id)),
             )
             try:
-                # Shielded: the batch shares this future, and one task's cancellation must
-                # not cancel it for the others.
-                if not folders_ready.done():
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(folders_ready)
                 result = await slot.runner.run(request)
             except asyncio.CancelledError:
                 await asyncio.shield(self._record_cancel(job, execution))
@@ -400,12 +409,19 @@ class Pool:
         finally:
             slot.running -= 1
             self._jobs.pop(task.id, None)
+            self._running_executions.discard(execution.id)
+            self._watchers.notify(("execution", execution.id))
             job.done.set()
             self.wake()
 
+    def _process_recorder(self, execution_id: int) -> Callable[[ProcessIdentity], Awaitable[None]]:
+        async def record(proc: ProcessIdentity) -> None:
+            await self.store.set_execution_process(execution_id, proc)
+
+        return record
+
     async def _record(self, job: _Job, execution: Execution, result: RunResult) -> None:
-        task, slot = job.task, job.agent
-        now = self.clock()
+        task, slot = job.task, job.slot
         exec_fields: dict[str, Any] = {
             "status": ExecStatus(result.status), "exit_code": result.exit_code,
             "error": result.error, "session_id": result.session_id, "summary": result.summary,
@@ -414,36 +430,43 @@ class Pool:
             "insertions": result.insertions, "deletions": result.deletions,
             "model": result.model or execution.model,
         }
-        task_fields: dict[str, Any]
         if result.status == RunStatus.SUCCEEDED:
             slot.cooldowns_in_a_row = 0
-            task_fields = {"state": TaskState.SUCCEEDED, "error": None}
-        elif result.status == RunStatus.RATE_LIMITED:
-            self._cool_down(slot, result, now)
-            # Not the task's fault: it goes back to the queue without spending an attempt.
-            task_fields = {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
-                           "error": result.error}
-        elif result.status == RunStatus.TIMED_OUT:
-            # The daemon stopped the run at its time limit: a cancellation, with the reason
-            # in the error and the partial log kept; the execution says timed_out.
-            task_fields = {"state": TaskState.CANCELLED, "error": result.error}
-        elif result.status == RunStatus.FAILED and result.retryable and (
-            task.attempts <= task.max_retries
-        ):
-            delay = backoff_delay(task.attempts, base_s=self.settings.retry_base_seconds,
-                                  cap_s=self.settings.retry_max_seconds)
-            task_fields = {"state": TaskState.QUEUED, "run_after": now + delay,
-                           "error": result.error}
-            heapq.heappush(self._ready_times, now + delay)
         else:
-            task_fields = {"state": TaskState.FAILED, "error": result.error}
-        if result.status != RunStatus.SUCCEEDED:
             slot.last_error = result.error
+        task_fields = self._next_task_state(task, slot, result, self.clock())
         await self.store.finish(execution.id, task.id, execution=exec_fields, task=task_fields)
         if task_fields["state"] != TaskState.QUEUED:
             self._finalised(task.id)
 
-    def _cool_down(self, slot: AgentSlot, result: RunResult, now: float) -> None:
+    def _next_task_state(
+        self, task: Task, slot: AgentSlot, result: RunResult, now: float
+    ) -> dict[str, Any]:
+        """What becomes of the task after this attempt (the store's fields to change)."""
+        if result.status == RunStatus.SUCCEEDED:
+            return {"state": TaskState.SUCCEEDED, "error": None}
+        if result.status == RunStatus.RATE_LIMITED:
+            cool_s = self._cool_down(slot, result, now)
+            requeues = task.rate_limit_requeues + 1
+            if requeues > self.settings.max_rate_limit_requeues:
+                reset = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now + cool_s))
+                return {"state": TaskState.FAILED, "rate_limit_requeues": requeues - 1,
+                        "error": f"rate limited {requeues} times; last reset {reset}"}
+            # Not the task's fault: it goes back to the queue without spending an attempt.
+            return {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
+                    "rate_limit_requeues": requeues, "error": result.error}
+        if result.status == RunStatus.TIMED_OUT:
+            # The daemon stopped the run at its time limit: a cancellation, with the reason
+            # in the error and the partial log kept; the execution says timed_out.
+            return {"state": TaskState.CANCELLED, "error": result.error}
+        if result.retryable and task.attempts <= task.max_retries:
+            delay = backoff_delay(task.attempts, base_s=self.settings.retry_base_seconds,
+                                  cap_s=self.settings.retry_max_seconds)
+            return {"state": TaskState.QUEUED, "run_after": now + delay, "error": result.error}
+        return {"state": TaskState.FAILED, "error": result.error}
+
+    def _cool_down(self, slot: AgentSlot, result: RunResult, now: float) -> float:
+        """Pause the agent after a rate limit; returns for how many seconds."""
         slot.cooldowns_in_a_row += 1
         seconds = result.retry_after_s
         if seconds is None:
@@ -452,6 +475,7 @@ class Pool:
                                     cap_s=self.settings.cooldown_default_seconds * 16)
         slot.cooldown_until = max(slot.cooldown_until, now + seconds)
         log.warning("agent %s rate limited; cooling down for %.1fs", slot.name, seconds)
+        return seconds
 
     async def _record_cancel(self, job: _Job, execution: Execution) -> None:
         task = job.task
@@ -469,10 +493,3 @@ class Pool:
         )
         if task_fields["state"] != TaskState.QUEUED:
             self._finalised(task.id)
-
-
-def _pgid_recorder(store: Store, execution_id: int) -> Callable[[int | None], Any]:
-    async def record(pgid: int | None) -> None:
-        await store.set_execution_pgid(execution_id, pgid)
-
-    return record

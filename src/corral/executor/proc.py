@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from corral.host import procs
+from corral.models import ProcessIdentity
+
 CHUNK_BYTES = 64 * 1024
 MAX_LINE_BYTES = 8 * 1024 * 1024
 PIPE_BYTES = 1024 * 1024
@@ -131,13 +134,15 @@ async def run_agent_process(
     stderr_file: BinaryIO,
     timeout_s: float | None,
     kill_grace_s: float = 5.0,
-    on_pgid: Callable[[int | None], Awaitable[None]] | None = None,
+    on_process: Callable[[ProcessIdentity], Awaitable[None]] | None = None,
     secrets: Sequence[str] = (),
 ) -> ProcOutcome:
     """Run ``argv`` to completion (or timeout / stop / cancellation) and return how it ended.
 
     Every stderr line is appended to ``stderr_file`` before the handler sees it. Any of
-    ``secrets`` the program prints is replaced by ``***`` before a line goes anywhere.
+    ``secrets`` the program prints is replaced by ``***`` before a line goes anywhere. From
+    the moment the child exists, its whole group is ended before this returns or raises,
+    whatever happens in between (a cancel while its process is being recorded included).
     """
     out_r, out_w = _big_pipe()
     err_r, err_w = _big_pipe()
@@ -155,19 +160,34 @@ async def run_agent_process(
         os.close(out_r)
         os.close(err_r)
         return ProcOutcome(exit_code=None, start_error=f"cannot start {argv[0]}: {exc}")
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
     finally:
         os.close(out_w)
         os.close(err_w)
-    stdout, out_transport = await _reader(out_r)
-    stderr, err_transport = await _reader(err_r)
+    pgid = proc.pid
+    transports: list[asyncio.BaseTransport] = []
     try:
-        if on_pgid is not None:
-            await on_pgid(proc.pid)
-        return await _supervise(proc, proc.pid, handler, stdin_data, (stdout, stderr),
+        pipes = []
+        for fd in (out_r, err_r):
+            reader, transport = await _reader(fd)
+            pipes.append(reader)
+            transports.append(transport)
+        if on_process is not None:
+            await on_process(procs.identify(pgid))
+        return await _supervise(proc, pgid, handler, stdin_data, (pipes[0], pipes[1]),
                                 stderr_file, timeout_s, kill_grace_s, _scrubber(secrets))
     finally:
-        out_transport.close()
-        err_transport.close()
+        # Cancellation lands here too: the group is ended before CancelledError goes on.
+        if proc.returncode is None:
+            await asyncio.shield(_terminate(proc, pgid, kill_grace_s))
+        kill_group(pgid, signal.SIGKILL)  # stragglers that left the leader behind
+        for fd in (out_r, err_r)[len(transports):]:
+            os.close(fd)  # a pipe whose reader never started
+        for transport in transports:
+            transport.close()
 
 
 def _big_pipe() -> tuple[int, int]:
@@ -239,10 +259,10 @@ async def _supervise(
         if waiter not in done:
             await _terminate(proc, pgid, kill_grace_s)
     finally:
-        # Cancellation lands here too: the group is ended before CancelledError goes on.
         if proc.returncode is None:
             await asyncio.shield(_terminate(proc, pgid, kill_grace_s))
-        kill_group(pgid, signal.SIGKILL)  # stragglers that left the leader behind
+        kill_group(pgid, signal.SIGKILL)  # before the pipes are drained: no writer is left
+        waiter.cancel()
         stopper.cancel()
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):

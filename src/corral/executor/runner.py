@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from corral.executor.mkfolders import STDOUT_LOG as STDOUT_LOG  # re-exported for readers
 from corral.executor.streamjson import ChangeStat, EnvelopeWriter
+from corral.models import ProcessIdentity
 
-# The two files of an execution's folder (DESIGN.md): the envelope (named where the folder
-# helper makes it), and what a child wrote to stderr.
+# The two files of an execution's folder: the envelope, and what a child wrote to stderr.
+STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
 
 
@@ -37,8 +37,11 @@ class RunRequest:
     model: str | None = None
     workdir: Path | None = None
     timeout_s: float | None = None
-    # Told the process group id once a subprocess starts, so a crash can be cleaned up later.
-    on_pgid: Callable[[int | None], Awaitable[None]] | None = None
+    # Told who the agent's process group leader is once it starts, so that after a crash
+    # the next daemon can end exactly that group.
+    on_process: Callable[[ProcessIdentity], Awaitable[None]] | None = None
+    # Called whenever the logs have grown, so followers wake instead of polling.
+    on_output: Callable[[], None] | None = None
 
     @property
     def stdout_path(self) -> Path:
@@ -67,6 +70,8 @@ class RunResult:
     insertions: int | None = None
     deletions: int | None = None
     model: str | None = None
+    # The agent's whole last answer (the summary is a trimmed line of it); not stored.
+    final_text: str | None = None
 
     def apply_changes(self, stat: ChangeStat | None) -> None:
         """Record a measured change; git's own measurement wins over anything parsed."""
@@ -79,8 +84,8 @@ class RunResult:
 async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
     """Create the execution folder with ``stdout.log`` and ``stderr.log``, off the event loop.
 
-    Creating files can block for milliseconds on a busy disk; doing it in a thread keeps the
-    daemon answering while hundreds of executions start.
+    Creating files can block for milliseconds on a busy disk; a thread keeps the daemon
+    answering meanwhile.
     """
 
     def make() -> tuple[EnvelopeWriter, BinaryIO]:
@@ -95,21 +100,13 @@ async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
 
 
 async def open_envelope(request: RunRequest) -> EnvelopeWriter:
-    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``.
-
-    When the folder helper has already made the folder and ``stdout.log``
-    (:mod:`corral.executor.mkfolders`), opening an existing file is cheap enough for the event
-    loop, and saves a thread hop.
-    """
-    try:
-        return EnvelopeWriter(request.stdout_path, create=False)
-    except FileNotFoundError:
-        return await asyncio.to_thread(_make_writer, request)
+    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``."""
+    return await asyncio.to_thread(_make_writer, request)
 
 
 def _make_writer(request: RunRequest) -> EnvelopeWriter:
     request.exec_dir.mkdir(parents=True, exist_ok=True)
-    return EnvelopeWriter(request.stdout_path)
+    return EnvelopeWriter(request.stdout_path, on_flush=request.on_output)
 
 
 class Runner(Protocol):

@@ -15,7 +15,7 @@ import os
 import random
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +61,15 @@ class EnvelopeWriter:
     """
 
     def __init__(
-        self, path: Path, *, create: bool = True, flush_interval_s: float = FLUSH_INTERVAL_S
+        self,
+        path: Path,
+        *,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
-        self._fd = os.open(path, flags, 0o600)
+        self._on_flush = on_flush
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._parts: list[str] = []
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -110,6 +114,8 @@ class EnvelopeWriter:
         self._pending_bytes = 0
         while data:
             data = data[os.write(self._fd, data):]
+        if self._on_flush is not None:
+            self._on_flush()
 
     def _schedule(self) -> None:
         if self._timer is not None and self._pending_bytes < _FLUSH_BYTES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -19,15 +19,14 @@ import aiohttp
 from yarl import URL
 
 from corral.errors import LLMError, RateLimitError, StreamError
-from corral.llm import leanhttp
 from corral.retry import (
     RATE_LIMIT_STATUSES,
+    RETRYABLE_STATUSES,
     Sleep,
     parse_retry_after,
     run_with_backoff,
 )
 
-RETRY_STATUSES = frozenset({429, 503, 529})
 # One SSE line may be this long; a longer one is an error rather than unbounded memory.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 _ERROR_BODY_LIMIT = 500
@@ -61,14 +60,19 @@ class ChatResponse:
 
 
 class Client:
-    """A chat client for one OpenAI-compatible endpoint (base URL including ``/v1``)."""
+    """A chat client for one OpenAI-compatible endpoint (base URL including ``/v1``).
+
+    ``timeout_s`` bounds a whole call, from connecting to the last byte (None: no bound of its
+    own, the caller's timeout is the one); ``idle_timeout_s`` bounds each wait for the server's
+    next bytes, headers included, and ``connect_timeout_s`` the connect.
+    """
 
     def __init__(
         self,
         endpoint: str,
         model: str,
         api_key: str | None = None,
-        timeout_s: float = 600.0,
+        timeout_s: float | None = None,
         session: aiohttp.ClientSession | None = None,
         *,
         connect_timeout_s: float = 10.0,
@@ -83,15 +87,14 @@ class Client:
         self._api_key = api_key
         self._url = URL(self.url)
         self._request_headers = self._headers()
-        # Streams to a plain-http server (a local model) take the lean client: see llm.leanhttp.
-        lean = self.url.startswith("http://")
-        self._lean = leanhttp.Pool(leanhttp.Endpoint.parse(self.url)) if lean else None
+        self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
         )
         self._idle_timeout_s = idle_timeout_s
         self._session = session
         self._owns_session = session is None
+        self._fresh: aiohttp.ClientSession | None = None
         self._max_attempts = max_attempts
         # A longer Retry-After is not waited out here: the pool cools the agent down instead
         # of holding a worker slot.
@@ -115,12 +118,12 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        if self._lean is not None:  # closed for good; a fresh pool if the client is reused
-            self._lean.close()
-            self._lean = leanhttp.Pool(self._lean.endpoint)
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None if self._owns_session else self._session
+        if self._fresh is not None:
+            await self._fresh.close()
+            self._fresh = None
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -128,6 +131,14 @@ class Client:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
             self._owns_session = True
         return self._session
+
+    def _fresh_session(self) -> aiohttp.ClientSession:
+        """A session whose every request opens a new connection (for the one retry below)."""
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                cookie_jar=aiohttp.DummyCookieJar())
+        return self._fresh
 
     @property
     def url(self) -> str:
@@ -161,8 +172,8 @@ class Client:
         return body
 
     async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
-        """One non-streaming completion, retried on 429/503/529 and connection errors."""
-        body = self._body(request, stream=False, model=model)
+        """One non-streaming completion, retried on 429/502/503/504/529 and connection errors."""
+        body = json.dumps(self._body(request, stream=False, model=model)).encode()
         return await self._with_retries(lambda _n: self._chat_once(body))
 
     async def chat_stream(
@@ -177,7 +188,7 @@ class Client:
         Retries happen only before the first delta: a stream that has delivered content is never
         replayed, since the caller has already acted on it.
         """
-        body = self._body(request, stream=True, model=model)
+        body = json.dumps(self._body(request, stream=True, model=model)).encode()
         return await self._with_retries(lambda _n: self._stream_once(body, on_delta))
 
     async def _with_retries(self, attempt: Callable[[int], Any]) -> ChatResponse:
@@ -192,19 +203,36 @@ class Client:
         )
         return result
 
-    async def _chat_once(self, body: dict[str, Any]) -> ChatResponse:
-        session = self._ensure_session()
+    async def _post(self, body: bytes) -> aiohttp.ClientResponse:
+        """Send the request and read the response head; the caller releases the response.
+
+        A server may close a kept-alive connection between requests (the llama.cpp server does
+        after a streamed reply); the next request on it fails before any byte of a response
+        comes back. Such a request is sent once more, on a new connection: it cannot have been
+        acted on.
+        """
         try:
-            async with session.post(
-                self.url, json=body, headers=self._headers(), timeout=self._timeout
-            ) as resp:
+            return await self._ensure_session().post(
+                self._url, data=body, headers=self._request_headers, timeout=self._timeout)
+        except aiohttp.ClientConnectorError:
+            raise  # no connection was made at all: not a stale one
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await self._fresh_session().post(
+                self._url, data=body, headers=self._request_headers, timeout=self._timeout)
+
+    async def _chat_once(self, body: bytes) -> ChatResponse:
+        try:
+            resp = await self._post(body)
+            async with resp:
                 if resp.status != 200:
                     raise await self._status_error(resp)
                 raw = await resp.read()
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._connection_error(exc, delivered=False) from exc
-        except TimeoutError as exc:  # includes aiohttp's read timeouts
-            raise LLMError(f"{self.url} timed out waiting for a reply", retryable=False) from exc
+        except aiohttp.ServerTimeoutError as exc:
+            raise LLMError(f"{self.url} sent nothing for {self._idle_timeout_s:g}s") from exc
+        except TimeoutError as exc:  # the client's own bound on the whole call
+            raise LLMError(f"{self.url} did not answer within {self._timeout_s:g}s") from exc
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc, delivered=False) from exc
         try:
@@ -224,17 +252,12 @@ class Client:
         )
 
     async def _stream_once(
-        self, body: dict[str, Any], on_delta: Callable[[str], object]
+        self, body: bytes, on_delta: Callable[[str], object]
     ) -> ChatResponse:
-        if self._lean is not None:
-            return await self._stream_lean(self._lean, body, on_delta)
-        session = self._ensure_session()
         state = _StreamState()
         try:
-            async with session.post(
-                self._url, data=json.dumps(body).encode(), headers=self._request_headers,
-                timeout=self._timeout,
-            ) as resp:
+            resp = await self._post(body)
+            async with resp:
                 if resp.status != 200:
                     raise await self._status_error(resp)
                 # Whole chunks, split here: one await per network read, not one per line.
@@ -246,47 +269,16 @@ class Client:
                     lines.end(state, on_delta)
         except aiohttp.ConnectionTimeoutError as exc:
             raise self._connection_error(exc, delivered=False) from exc
-        except TimeoutError as exc:  # includes aiohttp's per-read idle timeout
+        except aiohttp.ServerTimeoutError as exc:  # the per-read idle bound
             raise self._stalled(state) from exc
+        except TimeoutError as exc:  # the client's own bound on the whole call
+            raise StreamError(f"{self.url} did not finish within {self._timeout_s:g}s",
+                              partial_content=state.text()) from exc
         except aiohttp.ClientError as exc:
             raise self._connection_error(
                 exc, delivered=state.delivered, partial=state.text()
             ) from exc
         except ValueError as exc:  # a line longer than the limit
-            raise self._oversized(state, exc) from None
-        return state.finish(self.url)
-
-    async def _stream_lean(
-        self, pool: leanhttp.Pool, body: dict[str, Any], on_delta: Callable[[str], object]
-    ) -> ChatResponse:
-        """The same exchange as :meth:`_stream_once` on the lean client (plain http only)."""
-        state = _StreamState()
-        try:
-            async with asyncio.timeout(self._timeout.total):
-                resp = await pool.post(
-                    json.dumps(body).encode(), self._request_headers,
-                    connect_timeout_s=self._timeout.sock_connect or 10.0,
-                    idle_timeout_s=self._idle_timeout_s,
-                )
-                try:
-                    if resp.status != 200:
-                        text = (await resp.read(_ERROR_READ_BYTES)).decode("utf-8", "replace")
-                        raise self._status_error_of(resp.status, resp.headers, text)
-                    lines = _LineSplitter()
-                    while (chunk := await resp.next_chunk()) is not None:
-                        if lines.feed(chunk, state, on_delta):
-                            break
-                    else:
-                        lines.end(state, on_delta)
-                finally:
-                    resp.release()
-        except TimeoutError as exc:
-            raise self._stalled(state) from exc
-        except leanhttp.HttpConnectionError as exc:
-            raise self._connection_error(
-                exc, delivered=state.delivered, partial=state.text()
-            ) from exc
-        except ValueError as exc:
             raise self._oversized(state, exc) from None
         return state.finish(self.url)
 
@@ -305,11 +297,9 @@ class Client:
         return text.replace(self._api_key, "***") if self._api_key else text
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> LLMError:
-        return self._status_error_of(resp.status, resp.headers, await _safe_text(resp))
-
-    def _status_error_of(self, status: int, headers: Mapping[str, str], body: str) -> LLMError:
-        text = self._scrub(body)
-        retry_after_s = parse_retry_after(headers)
+        text = self._scrub(await _safe_text(resp))
+        status = resp.status
+        retry_after_s = parse_retry_after(resp.headers)
         detail = _error_message(text)
         suffix = f"; retry-after: {retry_after_s:g}" if retry_after_s is not None else ""
         if status in RATE_LIMIT_STATUSES:
@@ -324,15 +314,12 @@ class Client:
             f"HTTP {status} from {self.url}: {detail}{suffix}",
             status=status,
             retry_after_s=retry_after_s,
-            retryable=status in RETRY_STATUSES,
+            retryable=status in RETRYABLE_STATUSES,
         )
 
     def _connection_error(
-        self, exc: aiohttp.ClientError | leanhttp.HttpConnectionError, *, delivered: bool,
-        partial: str = "",
+        self, exc: aiohttp.ClientError, *, delivered: bool, partial: str = ""
     ) -> LLMError:
-        if isinstance(exc, LLMError):  # pragma: no cover - not an aiohttp error
-            return exc
         reason = self._scrub(str(exc) or type(exc).__name__)
         if delivered:
             return StreamError(

@@ -1,20 +1,46 @@
 """The CLI's client for the socket API: standard library only, so commands start fast.
 
-This module must not import the daemon's layers (aiohttp, the store, the pool).
+This module must not import the daemon's layers (aiohttp, the store, the pool). Before it sends
+anything it checks that the socket, its folder and the process answering on it belong to this
+user (or root): a socket someone else put there could read every prompt.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
+
+from corral.host.peercred import peer_uid
 
 
 class DaemonUnreachable(Exception):
     """No daemon answers on the socket."""
+
+
+class UntrustedSocket(DaemonUnreachable):
+    """The socket, its folder or the server on it belongs to another user."""
+
+
+def _trusted(uid: int) -> bool:
+    return uid in (os.getuid(), 0)
+
+
+def check_socket_owner(socket_path: str) -> None:
+    """Refuse a socket (or its folder) owned by another user, before connecting to it."""
+    for path in (Path(socket_path), Path(socket_path).parent):
+        try:
+            owner = path.lstat().st_uid
+        except FileNotFoundError:
+            return  # connecting will say there is no daemon
+        if not _trusted(owner):
+            raise UntrustedSocket(
+                f"{path} belongs to uid {owner}, not to you; refusing to send anything there")
 
 
 class ApiError(Exception):
@@ -33,14 +59,21 @@ class _UnixConnection(http.client.HTTPConnection):
         self.socket_path = socket_path
 
     def connect(self) -> None:
+        check_socket_owner(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if self.timeout is not None:
             sock.settimeout(self.timeout)
         try:
             sock.connect(self.socket_path)
+            uid = peer_uid(sock)
         except OSError:
             sock.close()
             raise
+        if uid is not None and not _trusted(uid):
+            sock.close()
+            raise UntrustedSocket(
+                f"the server on {self.socket_path} runs as uid {uid}, not as you;"
+                " refusing to send anything there")
         self.sock = sock
 
 
@@ -62,6 +95,9 @@ class CorralClient:
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()
+        except UntrustedSocket:
+            conn.close()
+            raise
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             conn.close()
             raise DaemonUnreachable(

@@ -1,1 +1,1 @@
-"""SQLite store: migrations, tasks, executions."""
+"""Where tasks and executions live: the Store protocol and its backends."""

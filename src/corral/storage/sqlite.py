@@ -1,46 +1,37 @@
-"""``Store``: tasks and executions in SQLite. The store is the queue.
+"""``SqliteStore``: tasks and executions in one SQLite file. The store is the queue.
 
 Claiming tasks happens inside one ``BEGIN IMMEDIATE`` transaction (pick, mark running, open the
-execution), so two claimers, even two daemons on one file, never take the same task. The
-connection runs in autocommit mode; multi-statement changes run as one transaction on
-aiosqlite's thread, so a task and its execution always change together. Submissions, claims
-and finished attempts go through group commit: what arrives while one commit is in flight
-shares the next.
+execution), so two claimers, even two daemons on one file, never take the same task. Every
+multi-statement change is one transaction on the writer thread (:mod:`corral.storage.engine`),
+so a task and its execution always change together. Submissions, claims and finished attempts
+go through group commit: what arrives while one commit is in flight shares the next. Reads go
+through their own connections and never wait for a write.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from functools import partial
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
-
-import aiosqlite
+from typing import Any, Self
 
 from corral.errors import Conflict, NotFound
-from corral.models import ExecStatus, Execution, Task, TaskState
-from corral.storage.migrations import migrate
-
-Clock = Callable[[], float]
-# (the classifier's choice, free slots per agent) -> the agent a task runs on
-Balancer = Callable[[str | None, Mapping[str, int]], str]
-T = TypeVar("T")
+from corral.models import ExecStatus, Execution, ProcessIdentity, Task, TaskState
+from corral.storage.base import Balancer, Clock
+from corral.storage.engine import Database, transaction
 
 _TASK_COLS = (
     "id, prompt, requested_agent, requested_model, agent, model, pinned, classifier_reason,"
-    " workdir, priority, state, attempts, max_retries, timeout_s, error, run_after,"
-    " created_at, updated_at"
+    " workdir, priority, state, attempts, max_retries, timeout_s, error, rate_limit_requeues,"
+    " run_after, created_at, updated_at"
 )
 _EXEC_COLS = (
     "id, task_id, agent, model, status, started_at, finished_at, exit_code, error, session_id,"
     " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
-    " log_path, pgid"
+    " log_dir, pgid"
 )
 _INSERT_TASK = (
     "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
@@ -53,94 +44,8 @@ EXEC_RESULT_FIELDS = frozenset({
 })
 TASK_UPDATE_FIELDS = frozenset({
     "state", "attempts", "error", "run_after", "agent", "model", "classifier_reason",
+    "rate_limit_requeues",
 })
-
-
-@contextlib.contextmanager
-def _transaction(c: sqlite3.Connection) -> Iterator[None]:
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        c.execute("ROLLBACK")
-        raise
-    c.execute("COMMIT")
-
-
-def _run_all(fns: list[Callable[[sqlite3.Connection], Any]], c: sqlite3.Connection) -> list[Any]:
-    with _transaction(c):
-        return [fn(c) for fn in fns]
-
-
-class _GroupCommit:
-    """Writes that arrive while a commit is in flight share the next transaction.
-
-    Each caller hears back only after the COMMIT, so what it was told is durable. A burst of
-    submissions or of finished attempts then costs one thread hop and one commit, not one each.
-    If a shared transaction fails, its writes are retried one by one, so one bad write cannot
-    sink the others.
-    """
-
-    def __init__(self, run: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]):
-        self._run = run
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._drainer: asyncio.Task[None] | None = None
-
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="corral-group-commit")
-        return await future
-
-    async def idle(self) -> None:
-        if self._drainer is not None:
-            await asyncio.shield(self._drainer)
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
-            fns = [fn for fn, _ in batch]
-            futures = [future for _, future in batch]
-            try:
-                await self._run(partial(_commit_and_tell, loop, fns, futures))
-            except Exception:
-                _settle(futures, [await self._alone(fn) for fn in fns])
-
-    async def _alone(self, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
-        try:
-            return True, (await self._run(partial(_run_all, [fn])))[0]
-        except Exception as exc:
-            return False, exc
-
-
-def _commit_and_tell(
-    loop: asyncio.AbstractEventLoop,
-    fns: list[Callable[[sqlite3.Connection], Any]],
-    futures: list[asyncio.Future[Any]],
-    c: sqlite3.Connection,
-) -> None:
-    """On the database thread: one transaction, then its callers told straight away.
-
-    Told from here, each caller wakes one turn of the loop sooner than if the drainer woke
-    first and then told them.
-    """
-    results = _run_all(fns, c)
-    # A closed loop cannot be told; raising here would make the committed writes run a
-    # second time through the one-by-one retry.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(_settle, futures, [(True, r) for r in results])
-
-
-def _settle(futures: list[asyncio.Future[Any]], results: list[tuple[bool, Any]]) -> None:
-    for future, (ok, value) in zip(futures, results, strict=True):
-        if future.done():  # the caller stopped waiting; the write happened anyway
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
 
 def _task(row: Sequence[Any]) -> Task:
@@ -148,8 +53,8 @@ def _task(row: Sequence[Any]) -> Task:
         id=row[0], prompt=row[1], requested_agent=row[2], requested_model=row[3], agent=row[4],
         model=row[5], pinned=bool(row[6]), classifier_reason=row[7], workdir=row[8],
         priority=row[9], state=TaskState(row[10]), attempts=row[11], max_retries=row[12],
-        timeout_s=row[13], error=row[14], run_after=row[15], created_at=row[16],
-        updated_at=row[17],
+        timeout_s=row[13], error=row[14], rate_limit_requeues=row[15], run_after=row[16],
+        created_at=row[17], updated_at=row[18],
     )
 
 
@@ -158,21 +63,22 @@ def _execution(row: Sequence[Any]) -> Execution:
         id=row[0], task_id=row[1], agent=row[2], model=row[3], status=ExecStatus(row[4]),
         started_at=row[5], finished_at=row[6], exit_code=row[7], error=row[8], session_id=row[9],
         summary=row[10], cost_usd=row[11], tokens_in=row[12], tokens_out=row[13],
-        files_changed=row[14], insertions=row[15], deletions=row[16], log_path=row[17],
+        files_changed=row[14], insertions=row[15], deletions=row[16], log_dir=row[17],
         pgid=row[18],
+        duration_ms=None if row[6] is None else int((row[6] - row[5]) * 1000),
     )
 
 
 _NEXT_EXEC_ID = "(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'executions'), 0) + 1)"
 _INSERT_EXEC = (
-    "INSERT INTO executions (id, task_id, agent, model, status, started_at, log_path)"
+    "INSERT INTO executions (id, task_id, agent, model, status, started_at, log_dir)"
     f" VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ? || {_NEXT_EXEC_ID})"
     f" RETURNING {_EXEC_COLS}"
 )
 
 
 def _claim_one(
-    c: sqlite3.Connection, slots: dict[str, int], balance: Balancer, now: float, log_prefix: str
+    c: sqlite3.Connection, slots: dict[str, int], balance: Balancer, now: float, dir_prefix: str
 ) -> tuple[Task, Execution] | None:
     """One claim inside an open transaction; takes a slot from ``slots``."""
     agents = sorted(slots)
@@ -196,9 +102,9 @@ def _claim_one(
         " classifier_reason = ?, updated_at = ? WHERE id = ? AND state = 'queued'",
         (task.attempts, task.agent, task.classifier_reason, now, task.id),
     )
-    # The id is chosen in the statement so the log path needs no second write.
+    # The id is chosen in the statement so the folder's name needs no second write.
     execution = _execution(
-        c.execute(_INSERT_EXEC, (task.id, task.agent, task.model, now, log_prefix)).fetchall()[0]
+        c.execute(_INSERT_EXEC, (task.id, task.agent, task.model, now, dir_prefix)).fetchall()[0]
     )
     slots[chosen] -= 1
     if slots[chosen] <= 0:
@@ -206,8 +112,8 @@ def _claim_one(
     return task, execution
 
 
-class Store:
-    """Async SQLite store; use as ``async with Store(path) as store``."""
+class SqliteStore:
+    """The embedded store; use as ``async with SqliteStore(path) as store``."""
 
     def __init__(
         self,
@@ -217,14 +123,12 @@ class Store:
         busy_timeout_ms: int = 5000,
         clock: Clock = time.time,
         migrate_upto: int | None = None,
+        readers: int = 2,
     ) -> None:
         self.path = path
-        self._synchronous = synchronous
-        self._busy_timeout_ms = busy_timeout_ms
         self._clock = clock
-        self._migrate_upto = migrate_upto
-        self._conn: aiosqlite.Connection | None = None
-        self._group = _GroupCommit(self._in_db)
+        self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
+                            readers=readers, migrate_upto=migrate_upto)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -236,54 +140,19 @@ class Store:
         await self.close()
 
     async def open(self) -> None:
-        if self._conn is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            await conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-            await conn.execute("PRAGMA foreign_keys=ON")
-            await migrate(conn, upto=self._migrate_upto)
-        except BaseException:
-            await conn.close()
-            raise
-        self._conn = conn
+        await self._db.open()
 
     async def close(self) -> None:
-        await self._group.idle()  # what callers were promised is committed first
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
-
-    @property
-    def conn(self) -> aiosqlite.Connection:
-        if self._conn is None:
-            raise RuntimeError("store is not open")
-        return self._conn
-
-    async def _in_db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` with the raw connection on aiosqlite's own thread, in one round trip.
-
-        A whole transaction runs there at once, so no other coroutine's statement can land in
-        the middle of it, and a task costs a few thread hops instead of one per statement.
-        """
-        conn = self.conn
-        raw = conn._conn
-        result: T = await conn._execute(fn, raw)  # type: ignore[no-untyped-call]
-        return result
+        await self._db.close()
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        rows = await self.conn.execute_fetchall(sql, tuple(params))
-        return next(iter(rows), None)
+        return await self._db.fetch_one(sql, tuple(params))
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        return list(await self.conn.execute_fetchall(sql, tuple(params)))
+        return await self._db.fetch_all(sql, tuple(params))
 
     async def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
-        values = tuple(params)
-        return await self._in_db(lambda c: int(c.execute(sql, values).rowcount))
+        return await self._db.execute(sql, tuple(params))
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -305,17 +174,25 @@ class Store:
         now = self._clock()
         values = (prompt, requested_agent, requested_model, agent, model, int(pinned),
                   classifier_reason, workdir, priority, max_retries, timeout_s, now, now)
-        return await self._group.write(
+        return await self._db.group.write(
             lambda c: _task(c.execute(_INSERT_TASK, values).fetchall()[0])
         )
 
     async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task:
-        row = await self._one(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,))
-        if row is None:
+        def read(c: sqlite3.Connection) -> Task | None:
+            row = c.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                return None
+            task = _task(row)
+            if with_executions:
+                task.executions = [_execution(r) for r in c.execute(
+                    f"SELECT {_EXEC_COLS} FROM executions WHERE task_id = ? ORDER BY id",
+                    (task_id,))]
+            return task
+
+        task = await self._db.read(read)
+        if task is None:
             raise NotFound(f"task {task_id} does not exist")
-        task = _task(row)
-        if with_executions:
-            task.executions = await self.executions_for(task_id)
         return task
 
     async def list_tasks(self, *, state: TaskState | None = None, limit: int = 50) -> list[Task]:
@@ -330,13 +207,6 @@ class Store:
             )
         return [_task(r) for r in rows]
 
-    async def claim(
-        self, free: Mapping[str, int], balance: Balancer, executions_dir: Path
-    ) -> tuple[Task, Execution] | None:
-        """:meth:`claim_many` for one task."""
-        claimed = await self.claim_many(free, balance, executions_dir, limit=1)
-        return claimed[0] if claimed else None
-
     async def claim_many(
         self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int
     ) -> list[tuple[Task, Execution]]:
@@ -346,7 +216,7 @@ class Store:
         only for agents with a slot left, so a saturated agent never holds back another's work;
         an unpinned task goes where ``balance(classifier_choice, slots_left)`` says. Priority
         first, then age. Each task moves to ``running`` with the attempt counted, and a
-        ``running`` execution is created whose ``log_path`` is ``executions_dir/<its id>``.
+        ``running`` execution is created whose ``log_dir`` is ``executions_dir/<its id>``.
         """
         slots = {a: n for a, n in free.items() if n > 0}
         if not slots or limit < 1:
@@ -367,12 +237,7 @@ class Store:
 
         # Through group commit: a claim shares its transaction with the submissions and
         # finished attempts that arrive meanwhile, instead of making them wait for its own.
-        return await self._group.write(claim)
-
-    async def next_execution_id(self) -> int:
-        """The id the next execution will get (ids are never reused)."""
-        row = await self._one(f"SELECT {_NEXT_EXEC_ID}")
-        return int(row[0])
+        return await self._db.group.write(claim)
 
     async def next_ready_at(self) -> float | None:
         """When the earliest delayed queued task becomes ready, if any is delayed."""
@@ -444,8 +309,12 @@ class Store:
 
     # -- executions ----------------------------------------------------------------------------
 
-    async def set_execution_pgid(self, execution_id: int, pgid: int | None) -> None:
-        await self._write("UPDATE executions SET pgid = ? WHERE id = ?", (pgid, execution_id))
+    async def set_execution_process(self, execution_id: int, proc: ProcessIdentity) -> None:
+        """Record the agent's process group, so a restart can end exactly that one."""
+        await self._write(
+            "UPDATE executions SET pgid = ?, proc_started = ?, boot_id = ? WHERE id = ?",
+            (proc.pgid, proc.started, proc.boot_id, execution_id),
+        )
 
     async def finish(
         self,
@@ -469,7 +338,7 @@ class Store:
                       (*values.values(), execution_id))
             c.execute(*task_sql)
 
-        await self._group.write(write)
+        await self._db.group.write(write)
 
     async def get_execution(self, execution_id: int) -> Execution:
         row = await self._one(f"SELECT {_EXEC_COLS} FROM executions WHERE id = ?", (execution_id,))
@@ -488,6 +357,13 @@ class Store:
         rows = await self._all(f"SELECT {_EXEC_COLS} FROM executions WHERE status = 'running'")
         return [_execution(r) for r in rows]
 
+    async def running_processes(self) -> list[ProcessIdentity]:
+        """The agents' process groups recorded for executions still marked running."""
+        rows = await self._all(
+            "SELECT pgid, proc_started, boot_id FROM executions"
+            " WHERE status = 'running' AND pgid IS NOT NULL")
+        return [ProcessIdentity(pgid=r[0], started=r[1], boot_id=r[2]) for r in rows]
+
     async def recover_interrupted(self) -> int:
         """After a crash: mark executions left ``running`` interrupted and requeue their tasks.
 
@@ -497,7 +373,7 @@ class Store:
         now = self._clock()
 
         def recover(c: sqlite3.Connection) -> int:
-            with _transaction(c):
+            with transaction(c):
                 count = c.execute(
                     "UPDATE executions SET status = 'interrupted', finished_at = ?,"
                     " error = 'daemon stopped while this execution was running'"
@@ -516,7 +392,7 @@ class Store:
                 )
             return int(count)
 
-        return await self._in_db(recover)
+        return await self._db.write_now(recover)
 
     # -- stats ---------------------------------------------------------------------------------
 

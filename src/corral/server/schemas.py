@@ -1,0 +1,116 @@
+"""What the socket API accepts: request bodies and query strings, as pydantic models.
+
+The handlers validate with these models and the OpenAPI description is generated from them, so
+the two cannot drift apart. Bodies are strict (a number is not a string); query strings arrive
+as text and are converted (``"5"`` is the integer 5, ``"1"`` is true).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from corral.errors import BadRequest
+from corral.models import Task, TaskState
+
+MAX_WAIT_S = 60
+
+
+class TaskCreate(BaseModel):
+    """A task to queue: the body of ``POST /tasks``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="What the agent is asked to do.")
+    agent: str | None = Field(
+        default=None, description="claude, gemini, local or auto (the classifier decides).")
+    model: str | None = Field(default=None, max_length=200)
+    workdir: str | None = Field(default=None, description="Absolute path of a directory.")
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        if "\x00" in value:
+            raise ValueError("prompt contains NUL characters")
+        return value
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value)
+        if not path.is_absolute():
+            raise ValueError("workdir must be an absolute path")
+        if not path.exists():
+            raise ValueError(f"workdir {value} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"workdir {value} is not a directory")
+        return str(path)
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+Q = TypeVar("Q", bound=_Query)
+
+
+class ListQuery(_Query):
+    """``GET /tasks``: newest first."""
+
+    state: TaskState | None = None
+    limit: int = Field(default=50, ge=1, le=10_000)
+
+
+class WaitQuery(_Query):
+    """``GET /tasks/{task_id}/wait``: block until the task is final or the time is up."""
+
+    timeout_s: int = Field(default=30, ge=0, le=MAX_WAIT_S)
+
+
+class LogQuery(_Query):
+    """``GET /tasks/{task_id}/log``: an execution's envelope (the latest by default)."""
+
+    execution: int | None = Field(default=None, ge=1, le=2**62)
+    follow: bool = False
+    stream: Literal["stdout", "stderr"] = "stdout"
+
+
+@dataclass
+class TaskList:
+    """The answer of ``GET /tasks``."""
+
+    tasks: list[Task]
+
+
+def validation_message(exc: ValidationError) -> str:
+    """Every problem in one line, each naming the field."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{key}: {msg.removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def parse_query(model: type[Q], query: Mapping[str, str]) -> Q:
+    """The query string as ``model``, or a 400 naming what was wrong."""
+    try:
+        return model.model_validate(query)
+    except ValidationError as exc:
+        raise BadRequest(validation_message(exc), code="bad_query") from None

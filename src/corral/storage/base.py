@@ -1,0 +1,91 @@
+"""The ``Store`` protocol: what the pool, the server and the daemon need of a backend.
+
+The store is the queue. A backend keeps tasks and their executions, claims ready tasks for free
+agent slots atomically (a claim and the execution it opens are one transaction), and after a
+crash hands back what was left running. ``storage/sqlite.py`` is the embedded default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from corral.models import Execution, ProcessIdentity, Task, TaskState
+
+Clock = Callable[[], float]
+# (the classifier's choice, free slots per agent) -> the agent a task runs on
+Balancer = Callable[[str | None, Mapping[str, int]], str]
+
+
+class Store(Protocol):
+    """Tasks and executions; every method is safe to call concurrently."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create_task(
+        self,
+        prompt: str,
+        *,
+        requested_agent: str | None = None,
+        requested_model: str | None = None,
+        agent: str | None = None,
+        model: str | None = None,
+        pinned: bool = False,
+        classifier_reason: str | None = None,
+        workdir: str | None = None,
+        priority: int = 0,
+        max_retries: int = 0,
+        timeout_s: float | None = None,
+    ) -> Task: ...
+
+    async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task: ...
+
+    async def list_tasks(
+        self, *, state: TaskState | None = None, limit: int = 50
+    ) -> list[Task]: ...
+
+    async def claim_many(
+        self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int
+    ) -> list[tuple[Task, Execution]]: ...
+
+    async def next_ready_at(self) -> float | None: ...
+
+    async def unpin_unavailable(self, registered: Iterable[str]) -> int: ...
+
+    async def unclassified(self) -> list[Task]: ...
+
+    async def set_classification(
+        self, task_id: int, *, agent: str, model: str | None, reason: str
+    ) -> None: ...
+
+    async def update_task(self, task_id: int, **fields: Any) -> None: ...
+
+    async def cancel_queued(self, task_id: int) -> bool: ...
+
+    async def requeue(self, task_id: int) -> Task: ...
+
+    async def set_execution_process(self, execution_id: int, proc: ProcessIdentity) -> None: ...
+
+    async def finish(
+        self,
+        execution_id: int,
+        task_id: int,
+        *,
+        execution: dict[str, Any],
+        task: dict[str, Any],
+    ) -> None: ...
+
+    async def get_execution(self, execution_id: int) -> Execution: ...
+
+    async def executions_for(self, task_id: int) -> list[Execution]: ...
+
+    async def running_executions(self) -> list[Execution]: ...
+
+    async def running_processes(self) -> list[ProcessIdentity]: ...
+
+    async def recover_interrupted(self) -> int: ...
+
+    async def stats(self) -> dict[str, Any]: ...
