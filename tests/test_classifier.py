@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,23 @@ async def test_gemini_cli_missing_falls_back() -> None:
                             gemini_binary="/nonexistent/gemini", gemini_env={"PATH": "/x"})
     decision = await classifier.classify("x")
     assert decision.agent == "local" and "not found" in decision.reason
+
+
+@pytest.mark.real
+async def test_gemini_fallback_sends_the_question_on_stdin_not_argv(
+    tmp_path: Path, gemini_env: dict[str, str], fake_gemini: FakeGemini
+) -> None:
+    fake_gemini.push(answer("claude", reason="code"))
+    argv_file = tmp_path / "argv.json"
+    wrapper = tmp_path / "gemini"  # records what the CLI was started with, then is it
+    wrapper.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"open({str(argv_file)!r}, 'w').write(json.dumps(sys.argv))\n"
+        f"os.execv({str(peers.gemini_bin())!r}, [{str(peers.gemini_bin())!r}, *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    classifier = Classifier(registered=AGENTS, default_agent="local", gemini_binary=str(wrapper),
+                            gemini_model="gemini-2.5-flash", gemini_env=gemini_env, timeout_s=60)
+    decision = await classifier.classify("rename the frobnicator across the repo")
+    assert decision.agent == "claude", decision.reason
+    assert "frobnicator" not in argv_file.read_text()
+    assert "frobnicator" in json.dumps(fake_gemini.requests[-1]["contents"])

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from tests.conftest import ApiClient
@@ -199,3 +200,27 @@ async def test_health_agents_stats_openapi(raw: RawCall) -> None:
     assert "queued" in stats["tasks"]
     _, spec = await raw("GET", "/openapi.json")
     assert "/tasks" in spec["paths"]
+
+
+async def test_answers_are_what_the_openapi_description_says(raw: RawCall) -> None:
+    _, spec = await raw("GET", "/openapi.json")
+    assert "timeout_s" in {p["name"] for p in
+                           spec["paths"]["/tasks/{task_id}/wait"]["get"]["parameters"]}
+
+    def check(value: Any, name: str) -> None:
+        jsonschema.validate(value, {"$ref": f"#/components/schemas/{name}",
+                                    "components": spec["components"]})
+
+    status, task = await raw("POST", "/tasks", json={"prompt": "describe me", "agent": "local"})
+    assert status == 201
+    check(task, "Task")
+    _, done = await raw("GET", f"/tasks/{task['id']}/wait", params={"timeout_s": "30"})
+    assert done["state"] == "succeeded" and done["executions"]
+    check(done, "Task")
+    _, listing = await raw("GET", "/tasks", params={"state": "succeeded"})
+    check(listing, "TaskList")
+    status, error = await raw("GET", "/tasks", params={"limit": "0"})
+    assert status == 400
+    check(error, "Error")
+    with pytest.raises(jsonschema.ValidationError):  # the check itself can fail
+        check({**done, "state": "exploded"}, "Task")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import resource
@@ -139,3 +140,32 @@ async def test_reply_after_fault_still_works(fake_openai: MakeFake) -> None:
     fake.push(Status(500))
     assert isinstance(fake.next_behaviour(), Status)
     assert isinstance(fake.next_behaviour(), Reply)
+
+
+async def test_a_cancel_while_the_process_is_being_recorded_still_ends_its_group(
+    tmp_path: Path,
+) -> None:
+    """From the moment the child exists, its group is ended whatever happens next."""
+    from corral.models import ProcessIdentity
+    from tests.test_runners import group_alive
+
+    recording = asyncio.Event()
+    seen: list[ProcessIdentity] = []
+
+    async def slow_record(proc: ProcessIdentity) -> None:
+        seen.append(proc)
+        recording.set()
+        await asyncio.Event().wait()  # a database write that never returns
+
+    run = asyncio.create_task(fake_cli_runner(tmp_path, "hang").run(
+        RunRequest(prompt="x", exec_dir=tmp_path / "e", on_process=slow_record)))
+    await asyncio.wait_for(recording.wait(), 10)
+    assert group_alive(seen[0].pgid)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    async def gone() -> bool:
+        return not group_alive(seen[0].pgid)
+
+    await until(gone, timeout_s=10)

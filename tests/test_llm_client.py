@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import time
@@ -203,6 +204,23 @@ async def test_hanging_server_fails_in_bounded_time(fake_openai: MakeFake) -> No
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "chat"])
+async def test_the_clients_own_bound_holds_when_no_header_ever_comes(
+    fake_openai: MakeFake, stream: bool
+) -> None:
+    fake = await fake_openai()
+    fake.push(Hang())
+    started = time.monotonic()
+    async with Client(fake.endpoint, "m", timeout_s=0.5, idle_timeout_s=60,
+                      max_attempts=1) as client:
+        with pytest.raises(LLMError, match=r"within 0\.5s"):
+            if stream:
+                await client.chat_stream(HELLO, lambda _t: None)
+            else:
+                await client.chat(HELLO)
+    assert time.monotonic() - started < 5
+
+
 async def test_connection_refused_is_retried_then_reported() -> None:
     from tests.conftest import free_port
 
@@ -255,3 +273,41 @@ async def test_real_llama_json_schema_reply_validates(llama_server: str) -> None
             [Message("user", "Pick an agent for: fix a typo in README.")],
             json_schema=schema, max_tokens=80, temperature=0.0))
     jsonschema.validate(json.loads(reply.content), schema)
+
+
+@pytest.mark.real
+async def test_real_llama_serves_many_streams_in_a_row_on_one_client(llama_server: str) -> None:
+    """llama.cpp closes a kept-alive connection after a streamed reply; no request is lost."""
+    async with Client(llama_server, "smollm2", max_attempts=1) as client:
+        for n in range(5):
+            reply = await client.chat_stream(
+                ChatRequest([Message("user", f"Say {n}.")], max_tokens=8), lambda _t: None)
+            assert reply.finish_reason in ("stop", "length")
+        assert (await client.chat(ChatRequest([Message("user", "Hi.")], max_tokens=4))).content
+
+
+async def test_a_request_on_a_connection_the_server_dropped_is_sent_again_fresh() -> None:
+    """A server that closes each connection after one answer, without saying so."""
+    answered: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        answered.append(await reader.readexactly(length))
+        body = json.dumps({"choices": [{"message": {"content": f"answer {len(answered)}"},
+                                        "finish_reason": "stop"}]}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()  # no "Connection: close": the client thinks it may reuse it
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Client(f"http://127.0.0.1:{port}/v1", "m", max_attempts=1) as client:
+            replies = [(await client.chat(HELLO)).content for _ in range(4)]
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert replies == [f"answer {n}" for n in range(1, 5)] and len(answered) == 4

@@ -351,3 +351,120 @@ async def test_shutdown_in_the_middle_of_a_claim_hands_the_claimed_tasks_back(
     back = await store.get_task(task.id, with_executions=True)
     assert back.state == TaskState.QUEUED and back.attempts == 0
     assert [e.status for e in back.executions] == [ExecStatus.INTERRUPTED]
+
+
+async def test_a_task_rate_limited_past_the_cap_fails_instead_of_looping(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.default = Status(429, retry_after="0")
+    settings = pool_settings()
+    settings.max_rate_limit_requeues = 2
+    _, api = await daemon(make_settings(pool=settings, local_model=local(fake)))
+    done = await api.wait((await api.submit(prompt="x", agent="local"))["id"])
+    assert done["state"] == "failed"
+    assert done["error"].startswith("rate limited 3 times; last reset ")
+    assert [e["status"] for e in done["executions"]] == ["rate_limited"] * 3
+    assert done["attempts"] == 1  # rate limits never spent the task's attempts
+
+
+async def test_every_delayed_retry_runs_on_time_after_a_restart(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any, tmp_path: Path
+) -> None:
+    """The store's run_after is the one record of when a retry is due."""
+    import time
+
+    fake = await fake_openai()
+    async with SqliteStore(tmp_path / "data" / "corral.db") as store:
+        now = time.time()
+        ids = []
+        for delay in (0.3, 0.8, 1.3):
+            task = await store.create_task(f"later {delay}", agent="local", pinned=True)
+            await store.update_task(task.id, run_after=now + delay)
+            ids.append(task.id)
+    started = time.monotonic()
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    for task_id in ids:
+        assert (await api.wait(task_id, timeout_s=10))["state"] == "succeeded"
+    assert time.monotonic() - started < 5  # not the dispatcher's 60 s idle wait
+
+
+async def test_without_git_the_changestat_comes_from_the_agents_words(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any, tmp_path: Path
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="Done.\n 2 files changed, 7 insertions(+), 1 deletion(-)\n"))
+    plain = tmp_path / "not-a-repo"
+    plain.mkdir()
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    done = await api.wait((await api.submit(prompt="x", agent="local", workdir=str(plain)))["id"])
+    execution = done["executions"][0]
+    assert (execution["files_changed"], execution["insertions"], execution["deletions"]) == (
+        2, 7, 1)
+
+
+async def test_with_no_agent_at_all_the_error_says_why_each_is_unavailable(
+    make_settings: MakeSettings, daemon: Any
+) -> None:
+    _, api = await daemon(make_settings(pool=pool_settings()))
+    done = await api.wait((await api.submit(prompt="x", agent="claude"))["id"])
+    assert done["state"] == "failed"
+    assert done["error"].startswith(
+        "no agent can run this task: claude is unavailable: disabled in [claude]")
+    assert "local is unavailable: [local_model] endpoint is empty" in done["error"]
+
+
+async def test_the_tasks_timeout_is_the_one_bound_on_a_local_run(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    """[local_model] timeout_seconds is only the default for tasks that name none."""
+    fake = await fake_openai()
+    fake.default = Reply(text="slow but steady " * 10, chunks=10, chunk_delay_s=0.15)
+    lm = LocalModelSettings(endpoint=fake.endpoint, model="m", timeout_seconds=0.5)
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=lm))
+    named = await api.submit(prompt="x", agent="local", timeout_s=30, max_retries=0)
+    default = await api.submit(prompt="y", agent="local", max_retries=0)
+    done = await api.wait(named["id"])
+    assert done["state"] == "succeeded", done["error"]
+    cut = await api.wait(default["id"])
+    assert cut["state"] == "cancelled" and "timed out after 0.5s" in cut["error"]
+    assert cut["executions"][0]["status"] == "timed_out"
+
+
+async def test_a_follower_is_woken_by_the_log_not_by_polling_and_leaves_with_its_client(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(parts=tuple(f"w{i} " for i in range(12)), chunk_delay_s=0.15))
+    pool, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    task = await api.submit(prompt="slow", agent="local")
+
+    async def running() -> bool:
+        _, t = await api.call("GET", f"/tasks/{task['id']}")
+        return bool(t["state"] == "running")
+
+    await until(running)
+    reads = 0
+    real_read = pool.store._db.read
+
+    async def counted(fn: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_read(fn)
+
+    pool.store._db.read = counted
+    lines = 0
+    async with api.session.get(f"http://corral/tasks/{task['id']}/log",
+                               params={"follow": "1"}) as resp:
+        async for _line in resp.content:
+            lines += 1
+            if lines == 6:
+                break  # the client hangs up while the task still runs
+    # About a second of following cost a read or two (finding the execution), not one per
+    # 50 ms; and once the client is gone its wake-ups are gone too.
+    assert reads <= 3
+
+    async def follower_gone() -> bool:
+        return len(pool._watchers) == 0
+
+    await until(follower_gone, timeout_s=5)

@@ -242,3 +242,49 @@ async def test_second_daemon_on_the_same_data_dir_is_refused(
         assert first.daemon.socket_path.exists()
     async with running_daemon(second, {}):  # free again once the first one stopped
         pass
+
+
+async def test_startup_kills_only_the_exact_process_a_dead_daemon_recorded(
+    tmp_path: Path, fake_openai: MakeFake, socket_path: Callable[[], Path]
+) -> None:
+    """A recorded pid now held by an unrelated process (even one named "node") is left alone."""
+    from corral.executor.pool import balance
+    from corral.host import procs
+    from corral.models import ProcessIdentity
+    from corral.storage.sqlite import SqliteStore
+    from tests.test_runners import group_alive
+
+    async def spawn(*argv: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+
+    sleeper = ("python3", "-c", "import time; time.sleep(60)")
+    agent = await spawn(*sleeper, "claude")
+    stranger = await spawn(*sleeper, "node")  # what a reused pid looks like after a reboot
+    other_boot = await spawn(*sleeper, "node")
+    try:
+        async with SqliteStore(tmp_path / "data" / "corral.db") as store:
+            for _ in range(3):
+                await store.create_task("left running", agent="local", pinned=True)
+            claimed = await store.claim_many({"local": 3}, balance, tmp_path, limit=3)
+            exact = procs.identify(agent.pid)
+            started = procs.start_ticks(stranger.pid)
+            assert started is not None and exact.boot_id is not None
+            records = [exact, ProcessIdentity(stranger.pid, started + 1, exact.boot_id),
+                       ProcessIdentity(other_boot.pid, procs.start_ticks(other_boot.pid),
+                                       "another-boot")]
+            for (_, execution), record in zip(claimed, records, strict=True):
+                await store.set_execution_process(execution.id, record)
+        fake = await fake_openai()
+        sock = socket_path()
+        daemon = DaemonProcess(write_config(tmp_path, sock, fake, "[claude]\nenabled = false\n"),
+                               sock)
+        await daemon.start()
+        await asyncio.wait_for(agent.wait(), 10)  # the daemon's own agent: killed
+        # The kill happened before the daemon answered; the others are still there.
+        assert group_alive(stranger.pid) and group_alive(other_boot.pid)
+        await daemon.stop()
+    finally:
+        for proc in (agent, stranger, other_boot):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

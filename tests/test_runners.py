@@ -199,6 +199,31 @@ async def test_claude_rate_limit_stops_the_retrying_cli(
     assert pgids.first is not None and not group_alive(pgids.first)
 
 
+WORDS_OF_A_RATE_LIMIT = "tests/test_api.py:429: AssertionError (overloaded; rate limit; quota)"
+
+
+@pytest.mark.real
+async def test_claude_error_whose_text_mentions_429_is_a_failure_not_a_rate_limit(
+    tmp_path: Path, claude_env: dict[str, str], fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.default = Status(400, body={"type": "error", "error": {
+        "type": "invalid_request_error", "message": WORDS_OF_A_RATE_LIMIT}})
+    result = await claude(claude_env).run(request(tmp_path))
+    assert result.status == RunStatus.FAILED, result.error
+    assert result.error and "429: AssertionError" in result.error
+
+
+@pytest.mark.real
+async def test_gemini_error_whose_text_mentions_quota_is_a_failure_not_a_rate_limit(
+    tmp_path: Path, gemini_env: dict[str, str], fake_gemini: FakeGemini
+) -> None:
+    fake_gemini.default = Status(400, body={"error": {
+        "code": 400, "status": "INVALID_ARGUMENT", "message": WORDS_OF_A_RATE_LIMIT}})
+    result = await gemini(gemini_env).run(request(tmp_path))
+    assert result.status == RunStatus.FAILED, result.error
+    assert result.error and "429: AssertionError" in result.error
+
+
 @pytest.mark.real
 async def test_claude_hang_times_out_and_group_is_gone(
     tmp_path: Path, claude_env: dict[str, str], fake_anthropic: FakeAnthropic

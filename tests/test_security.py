@@ -139,3 +139,78 @@ async def test_prompts_never_reach_a_shell(
     assert json.dumps(prompt)[1:-1] in claude_text
     gemini_text = json.dumps(fake_gemini.requests[-1]["contents"])
     assert json.dumps(prompt)[1:-1] in gemini_text
+
+
+def test_a_socket_folder_open_to_others_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    from corral.daemon import UnsafeSocketFolder, prepare_socket
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.chmod(folder, 0o777)  # noqa: S103 - the unsafe folder under test
+    with pytest.raises(UnsafeSocketFolder, match="open to other users"):
+        prepare_socket(folder / "corral.sock")
+    assert folder.stat().st_mode & 0o777 == 0o777  # never chmod-ed behind the user's back
+    fresh = tmp_path / "new" / "corral"
+    prepare_socket(fresh / "corral.sock")
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_a_socket_folder_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    from corral.daemon import UnsafeSocketFolder, prepare_socket
+
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, NOBODY, NOBODY)
+    with pytest.raises(UnsafeSocketFolder, match=f"belongs to uid {NOBODY}"):
+        prepare_socket(folder / "corral.sock")
+    assert folder.stat().st_uid == NOBODY and folder.stat().st_mode & 0o777 == 0o700
+
+
+def serve_as(uid: int, sock: Path, ready: Any) -> int:
+    """A child listening on ``sock`` as ``uid`` that answers any request with a fake task."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            server.listen(1)  # the credentials a client sees are the listener's
+            os.write(ready, b"x")
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            conn.close()
+        finally:
+            os._exit(0)
+    server.close()
+    return pid
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+async def test_the_cli_sends_nothing_to_a_socket_or_server_of_another_user(
+    tmp_path: Path,
+) -> None:
+    from tests.daemon_proc import cli
+
+    theirs = tmp_path / "theirs"
+    os.mkdir(theirs, 0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    code, _, err = await cli("agents", socket=theirs / "corral.sock")
+    assert code == 3 and f"belongs to uid {NOBODY}" in err
+
+    ours = Path(f"/tmp/corral-peer-{os.getpid()}")  # short: a socket path has a limit
+    os.mkdir(ours, 0o700)
+    sock = ours / "corral.sock"
+    read_end, write_end = os.pipe()
+    pid = serve_as(NOBODY, sock, write_end)
+    try:
+        assert os.read(read_end, 1) == b"x"
+        code, _, err = await cli("submit", "a secret prompt", socket=sock)
+        assert code == 3 and f"runs as uid {NOBODY}" in err
+    finally:
+        os.kill(pid, 9)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        os.unlink(sock)
+        os.rmdir(ours)

@@ -33,7 +33,7 @@ def _trusted(uid: int) -> bool:
 
 def check_socket_owner(socket_path: str) -> None:
     """Refuse a socket (or its folder) owned by another user, before connecting to it."""
-    for path in (Path(socket_path), Path(socket_path).parent):
+    for path in (Path(socket_path).parent, Path(socket_path)):
         try:
             owner = path.lstat().st_uid
         except FileNotFoundError:
