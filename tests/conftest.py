@@ -52,7 +52,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-             "--ctx-size", "4096", "--", "--parallel", "4", "--threads", "2"],
+             "--ctx-size", "8192", "--parallel", "4", "--threads", "2"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     deadline = time.monotonic() + 120
@@ -72,7 +72,6 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.2)
         yield f"{url}/v1"
     finally:
-        # The console script is a wrapper that spawns the real server: end the whole group.
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)

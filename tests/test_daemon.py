@@ -177,6 +177,7 @@ async def test_body_over_limit_is_413_and_daemon_keeps_serving(raw: RawCall) -> 
     ("GET", "/tasks/../../etc/passwd/log", 404),
     ("GET", "/tasks/..%2F..%2Fetc%2Fpasswd/log", 404),
     ("GET", "/tasks/abc", 404),
+    ("GET", "/tasks/%C2%B2/log", 404),  # "²" is a digit to str.isdigit, not to int()
     ("POST", "/tasks/999999/cancel", 404),
     ("POST", "/tasks/999999/retry", 404),
     ("GET", "/tasks?state=weird", 400),

@@ -328,7 +328,7 @@ async def test_shutdown_in_the_middle_of_a_claim_hands_the_claimed_tasks_back(
 
     async def claim_then_wait(*args: Any, **kwargs: Any) -> Any:
         result = await claim_many(*args, **kwargs)  # the claim is committed...
-        if result:
+        if result.tasks:
             claimed.set()
             await release.wait()  # ...and shutdown begins before the pool has its jobs
         return result

@@ -265,7 +265,7 @@ async def test_startup_kills_only_the_exact_process_a_dead_daemon_recorded(
         async with SqliteStore(tmp_path / "data" / "corral.db") as store:
             for _ in range(3):
                 await store.create_task("left running", agent="local", pinned=True)
-            claimed = await store.claim_many({"local": 3}, balance, tmp_path, limit=3)
+            claimed = (await store.claim_many({"local": 3}, balance, tmp_path, limit=3)).tasks
             exact = procs.identify(agent.pid)
             started = procs.start_ticks(stranger.pid)
             assert started is not None and exact.boot_id is not None

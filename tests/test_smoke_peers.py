@@ -66,3 +66,12 @@ async def test_real_llama_server_streams_from_smollm2(llama_server: str) -> None
 async def _model_id(endpoint: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(f"{endpoint}/models") as resp:
         return json.dumps(await resp.json())
+
+
+async def test_real_llama_server_takes_the_flags_it_is_given(llama_server: str) -> None:
+    """Started as the binary itself, not the wrapper that drops --parallel and --threads."""
+    async with aiohttp.ClientSession() as session, session.get(
+        llama_server.removesuffix("/v1") + "/props"
+    ) as resp:
+        props = await resp.json()
+    assert props["total_slots"] == 4

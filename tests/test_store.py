@@ -22,7 +22,7 @@ def sql(path: Path, statement: str, params: tuple[object, ...] = ()) -> list[tup
 async def claim(
     store: SqliteStore, free: dict[str, int], tmp: Path
 ) -> tuple[Task, Execution] | None:
-    claimed = await store.claim_many(free, balance, tmp, limit=1)
+    claimed = (await store.claim_many(free, balance, tmp, limit=1)).tasks
     return claimed[0] if claimed else None
 
 
@@ -97,7 +97,8 @@ async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
     claude = [await store.create_task(f"c{i}", agent="claude", pinned=True) for i in range(3)]
     auto = await store.create_task("auto", agent="claude", classifier_reason="pick claude",
                                    priority=1)
-    claimed = await store.claim_many({"local": 3, "claude": 1}, balance, tmp_path, limit=10)
+    claimed = (await store.claim_many({"local": 3, "claude": 1}, balance, tmp_path,
+                                      limit=10)).tasks
     by_agent: dict[str, list[int]] = {}
     for task, execution in claimed:
         by_agent.setdefault(task.agent or "", []).append(task.id)
@@ -108,9 +109,9 @@ async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
     # tasks fit; a full agent's pinned tasks wait while the other agent's still get claimed.
     assert by_agent == {"local": [auto.id, local[0].id, local[1].id], "claude": [claude[0].id]}
     assert len({e.id for _, e in claimed}) == 4
-    rest = await store.claim_many({"local": 9, "claude": 9}, balance, tmp_path, limit=2)
+    rest = (await store.claim_many({"local": 9, "claude": 9}, balance, tmp_path, limit=2)).tasks
     assert [t.id for t, _ in rest] == [local[2].id, local[3].id]
-    assert await store.claim_many({"local": 0}, balance, tmp_path, limit=5) == []
+    assert (await store.claim_many({"local": 0}, balance, tmp_path, limit=5)).tasks == []
 
 
 async def test_a_claim_in_a_failed_shared_commit_is_redone_in_full(
@@ -128,7 +129,7 @@ async def test_a_claim_in_a_failed_shared_commit_is_redone_in_full(
         store.claim_many({"local": 3}, balance, tmp_path, limit=3), broken_write(),
         return_exceptions=True)
     assert isinstance(failed, Exception) and "no_such_table" in str(failed)
-    assert isinstance(claimed, list) and len(claimed) == 3
+    assert not isinstance(claimed, BaseException) and len(claimed.tasks) == 3
     assert len(await store.running_executions()) == 3
 
 
@@ -228,3 +229,32 @@ async def test_recorded_process_identity_round_trips(store: SqliteStore, tmp_pat
     await store.set_execution_process(claimed[1].id, proc)
     assert await store.running_processes() == [proc]
     assert (await store.get_execution(claimed[1].id)).pgid == 4242
+
+
+async def test_the_queue_reads_use_their_indexes(store: SqliteStore) -> None:
+    """The claim walks tasks_queue in order (no sort); the next due retry is an index read."""
+    from corral.storage.sqlite import NEXT_READY_SQL, claim_sql
+
+    def plan(statement: str, params: tuple[object, ...]) -> str:
+        rows = sql(store.path, f"EXPLAIN QUERY PLAN {statement}", params)
+        return " | ".join(str(r[-1]) for r in rows)
+
+    claim = plan(claim_sql(2), (1.0, "local", "claude"))
+    assert "USING INDEX tasks_queue" in claim and "TEMP B-TREE" not in claim, claim
+    ready = plan(NEXT_READY_SQL, (1.0,))
+    assert "tasks_delayed" in ready and "SCAN tasks" not in ready.replace(
+        "SCAN tasks USING", ""), ready
+
+
+async def test_a_claim_says_when_the_next_delayed_task_is_due(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    import time
+
+    soon = await store.create_task("soon", agent="local", pinned=True)
+    later = await store.create_task("later", agent="local", pinned=True)
+    now = time.time()
+    await store.update_task(soon.id, run_after=now + 30)
+    await store.update_task(later.id, run_after=now + 60)
+    claim = await store.claim_many({"local": 2}, balance, tmp_path, limit=2)
+    assert claim.tasks == [] and claim.next_ready_at == now + 30

@@ -25,7 +25,7 @@ from typing import Any, Self
 from corral.config import PoolSettings
 from corral.errors import BadRequest, Conflict, ShuttingDown
 from corral.executor.classifier import Classifier
-from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus
+from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus, make_folders
 from corral.executor.watch import Watchers
 from corral.models import (
     AUTO,
@@ -337,8 +337,7 @@ class Pool:
         while self._accepting:
             self._wake.clear()
             try:
-                await self._fill()
-                delay = await self._next_wake_delay()
+                delay = self._wake_delay(await self._fill())
             except Exception:  # a database hiccup must not stop dispatching for good
                 log.exception("dispatcher failed; retrying")
                 delay = 1.0
@@ -350,37 +349,47 @@ class Pool:
             finally:
                 timer.cancel()
 
-    async def _fill(self) -> None:
-        """Start as many ready tasks as slots allow: one transaction claims a whole batch."""
+    async def _fill(self) -> float | None:
+        """Start as many ready tasks as slots allow: one transaction claims a whole batch.
+
+        Returns when the earliest delayed task becomes ready, as the last claim saw it.
+        """
+        ready_at = None
         while self._accepting and (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
             free = {a.name: a.free(now) for a in self.agents.values() if a.free(now) > 0}
-            claimed = await self.store.claim_many(free, balance, self.executions_dir, limit=room)
-            for task, execution in claimed:
+            claim = await self.store.claim_many(free, balance, self.executions_dir, limit=room)
+            ready_at = claim.next_ready_at
+            folders = [Path(execution.log_dir or "") for _, execution in claim.tasks]
+            if folders:
+                # The batch's folders in one thread hop, off the loop: on a slow disk a folder
+                # costs a millisecond. What fails here is left to the runner to report.
+                await asyncio.to_thread(make_folders, folders)
+            for (task, execution), folder in zip(claim.tasks, folders, strict=True):
                 slot = self.agents[task.agent or ""]
-                job = _Job(task, slot, execution, Path(execution.log_dir or ""))
+                job = _Job(task, slot, execution, folder)
                 self._jobs[task.id] = job
                 self._running_executions.add(execution.id)
                 slot.running += 1
                 job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
                 self._watchers.notify(("task", task.id))
-            if len(claimed) < room:
+            if len(claim.tasks) < room:
                 break
+        return ready_at
 
-    async def _next_wake_delay(self) -> float:
+    def _wake_delay(self, ready_at: float | None) -> float:
         """Until the next cool-down ends or delayed retry is due, whichever is first.
 
-        The store's ``run_after`` is the one record of when a retry is due, so a restart
-        loses no wake-up.
+        The store's ``run_after`` is the one record of when a retry is due (the claim reads
+        the earliest), so a restart loses no wake-up.
         """
         now = self.clock()
         moments = [a.cooldown_until for a in self.agents.values() if a.cooldown_until > now]
-        ready_at = await self.store.next_ready_at()
         if ready_at is not None:
             moments.append(ready_at)
         if not moments:
             return _MAX_IDLE_WAIT_S
-        return min(max(min(moments) - self.clock(), 0.01), _MAX_IDLE_WAIT_S)
+        return min(max(min(moments) - now, 0.01), _MAX_IDLE_WAIT_S)
 
     # -- running one attempt --------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +101,34 @@ async def open_logs(request: RunRequest) -> tuple[EnvelopeWriter, BinaryIO]:
 
 
 async def open_envelope(request: RunRequest) -> EnvelopeWriter:
-    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``."""
-    return await asyncio.to_thread(_make_writer, request)
+    """Like :func:`open_logs` for a runner with no child process, hence no ``stderr.log``.
+
+    The pool has usually made the folder and its empty ``stdout.log`` already
+    (:func:`make_folders`), and opening an existing file is cheap enough for the event loop;
+    else they are made in a thread.
+    """
+    try:
+        return EnvelopeWriter(request.stdout_path, on_flush=request.on_output)
+    except FileNotFoundError:
+        return await asyncio.to_thread(_make_writer, request)
 
 
 def _make_writer(request: RunRequest) -> EnvelopeWriter:
     request.exec_dir.mkdir(parents=True, exist_ok=True)
     return EnvelopeWriter(request.stdout_path, on_flush=request.on_output)
+
+
+def make_folders(folders: list[Path]) -> None:
+    """Execution folders, each with an empty ``stdout.log``; blocking (run it in a thread).
+
+    Best effort: a folder that cannot be made is left for its runner, which reports why.
+    """
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(folder / STDOUT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        except OSError:
+            continue
 
 
 class Runner(Protocol):

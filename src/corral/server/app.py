@@ -113,7 +113,8 @@ async def _json_body(request: web.Request) -> Any:
 
 def _task_id(request: web.Request) -> int:
     raw = request.match_info["task_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    # isascii too: "²".isdigit() is true, but it is no number int() reads.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound(f"task {raw!r} does not exist")
     return int(raw)
 

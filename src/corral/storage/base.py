@@ -8,6 +8,7 @@ crash hands back what was left running. ``storage/sqlite.py`` is the embedded de
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +17,14 @@ from corral.models import Execution, ProcessIdentity, Task, TaskState
 Clock = Callable[[], float]
 # (the classifier's choice, free slots per agent) -> the agent a task runs on
 Balancer = Callable[[str | None, Mapping[str, int]], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim took, and when the earliest delayed task left behind becomes ready."""
+
+    tasks: list[tuple[Task, Execution]]
+    next_ready_at: float | None
 
 
 class Store(Protocol):
@@ -49,9 +58,7 @@ class Store(Protocol):
 
     async def claim_many(
         self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int
-    ) -> list[tuple[Task, Execution]]: ...
-
-    async def next_ready_at(self) -> float | None: ...
+    ) -> Claimed: ...
 
     async def unpin_unavailable(self, registered: Iterable[str]) -> int: ...
 

@@ -20,7 +20,7 @@ from typing import Any, Self
 
 from corral.errors import Conflict, NotFound
 from corral.models import ExecStatus, Execution, ProcessIdentity, Task, TaskState
-from corral.storage.base import Balancer, Clock
+from corral.storage.base import Balancer, Claimed, Clock
 from corral.storage.engine import Database, transaction
 
 _TASK_COLS = (
@@ -69,6 +69,10 @@ def _execution(row: Sequence[Any]) -> Execution:
     )
 
 
+# The terms of the partial index tasks_delayed are repeated so it applies; INDEXED BY, because
+# without statistics the planner would rather walk every queued task in tasks_queue.
+NEXT_READY_SQL = ("SELECT MIN(run_after) FROM tasks INDEXED BY tasks_delayed"
+                  " WHERE state = 'queued' AND run_after > 0 AND run_after > ?")
 _NEXT_EXEC_ID = "(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'executions'), 0) + 1)"
 _INSERT_EXEC = (
     "INSERT INTO executions (id, task_id, agent, model, status, started_at, log_dir)"
@@ -77,17 +81,20 @@ _INSERT_EXEC = (
 )
 
 
+def claim_sql(agent_count: int) -> str:
+    """The claim's pick: walks tasks_queue in (priority, id) order and stops at the first fit."""
+    return (f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= ?"
+            " AND agent IS NOT NULL"
+            f" AND (pinned = 0 OR agent IN ({','.join('?' * agent_count)}))"
+            " ORDER BY priority DESC, id LIMIT 1")
+
+
 def _claim_one(
     c: sqlite3.Connection, slots: dict[str, int], balance: Balancer, now: float, dir_prefix: str
 ) -> tuple[Task, Execution] | None:
     """One claim inside an open transaction; takes a slot from ``slots``."""
     agents = sorted(slots)
-    row = c.execute(
-        f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= ?"
-        f" AND agent IS NOT NULL AND (pinned = 0 OR agent IN ({','.join('?' * len(agents))}))"
-        " ORDER BY priority DESC, id LIMIT 1",
-        (now, *agents),
-    ).fetchone()
+    row = c.execute(claim_sql(len(agents)), (now, *agents)).fetchone()
     if row is None:
         return None
     task = _task(row)
@@ -209,22 +216,23 @@ class SqliteStore:
 
     async def claim_many(
         self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int
-    ) -> list[tuple[Task, Execution]]:
+    ) -> Claimed:
         """Atomically take up to ``limit`` ready tasks and open their executions: one transaction.
 
         ``free`` holds the free slots per agent; each claim uses one. Pinned tasks are claimable
         only for agents with a slot left, so a saturated agent never holds back another's work;
         an unpinned task goes where ``balance(classifier_choice, slots_left)`` says. Priority
         first, then age. Each task moves to ``running`` with the attempt counted, and a
-        ``running`` execution is created whose ``log_dir`` is ``executions_dir/<its id>``.
+        ``running`` execution is created whose ``log_dir`` is ``executions_dir/<its id>``. The
+        same transaction says when the next delayed task becomes ready.
         """
         slots = {a: n for a, n in free.items() if n > 0}
         if not slots or limit < 1:
-            return []
+            return Claimed([], None)
         now = self._clock()
         prefix = f"{executions_dir}{os.sep}"
 
-        def claim(c: sqlite3.Connection) -> list[tuple[Task, Execution]]:
+        def claim(c: sqlite3.Connection) -> Claimed:
             # A copy per run: a failed shared transaction runs this again from the start.
             left = dict(slots)
             claimed: list[tuple[Task, Execution]] = []
@@ -233,19 +241,12 @@ class SqliteStore:
                 if one is None:
                     break
                 claimed.append(one)
-            return claimed
+            (ready_at,) = c.execute(NEXT_READY_SQL, (now,)).fetchone()
+            return Claimed(claimed, ready_at)
 
         # Through group commit: a claim shares its transaction with the submissions and
         # finished attempts that arrive meanwhile, instead of making them wait for its own.
         return await self._db.group.write(claim)
-
-    async def next_ready_at(self) -> float | None:
-        """When the earliest delayed queued task becomes ready, if any is delayed."""
-        row = await self._one(
-            "SELECT MIN(run_after) FROM tasks WHERE state = 'queued' AND run_after > ?",
-            (self._clock(),),
-        )
-        return None if row is None or row[0] is None else float(row[0])
 
     async def unpin_unavailable(self, registered: Iterable[str]) -> int:
         """Queued tasks pinned to an agent that is no longer registered go back to the classifier.

@@ -6,5 +6,6 @@ ALTER TABLE executions RENAME COLUMN log_path TO log_dir;
 -- its start time in clock ticks since boot (/proc/<pid>/stat field 22) and the boot's id.
 ALTER TABLE executions ADD COLUMN proc_started INTEGER;
 ALTER TABLE executions ADD COLUMN boot_id TEXT;
--- When the next delayed retry becomes ready is an index read.
-CREATE INDEX tasks_delayed ON tasks (state, run_after);
+-- When the next delayed retry becomes ready is an index read. Partial, so that the claim
+-- (which must walk tasks_queue in priority order) can never choose it.
+CREATE INDEX tasks_delayed ON tasks (run_after) WHERE state = 'queued' AND run_after > 0;
