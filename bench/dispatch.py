@@ -91,7 +91,7 @@ async def _succeeded(session: aiohttp.ClientSession) -> int:
 async def bench_corral(
     endpoint: str, tasks: int, clients: int, workers: int = CORRAL_WORKERS,
     submitters: str = "raw",
-) -> tuple[float, list[float]]:
+) -> tuple[float, list[float], float]:
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     config, sock = _config(tmp, endpoint, "bench", workers)
     daemon = await _start_daemon(config, sock)
@@ -126,13 +126,13 @@ async def bench_corral(
                     await asyncio.sleep(POLL_S)
 
             await run(0, WARMUP_TASKS, [])
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), _cpu_s(daemon.pid)
             await run(WARMUP_TASKS, tasks, latencies)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu_used = time.perf_counter() - started, _cpu_s(daemon.pid) - cpu_before
     finally:
         _stop(daemon)
         shutil.rmtree(sock.parent, ignore_errors=True)
-    return tasks / elapsed, latencies
+    return tasks / elapsed, latencies, cpu_used / tasks
 
 
 async def _submit_raw(sock: Path, queue: Iterator[int], timed: list[float]) -> None:
@@ -197,6 +197,12 @@ def _status(pid: int) -> dict[str, str]:
     except OSError:  # it exited meanwhile
         return {}
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds the process has used (all its threads, user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> float:
@@ -282,8 +288,8 @@ async def main(
             # Alternate who goes first, so neither always gets the quieter half of a round.
             if n % 2:
                 huey_rate = bench_huey(endpoint, tasks, workers=HUEY_WORKERS)
-            corral_rate, latencies = await bench_corral(endpoint, tasks, clients,
-                                                          submitters=submitters)
+            corral_rate, latencies, cpu_per_task = await bench_corral(
+                endpoint, tasks, clients, submitters=submitters)
             if not n % 2:
                 huey_rate = bench_huey(endpoint, tasks, workers=HUEY_WORKERS)
             latencies.sort()
@@ -291,7 +297,8 @@ async def main(
             print(f"  round {n + 1}: corral {corral_rate:>6,.0f} tasks/s"
                   f" ({CORRAL_WORKERS} local workers),"
                   f" submit p50 {statistics.median(latencies) * 1000:.1f} ms,"
-                  f" p99 {_percentile(latencies, 0.99) * 1000:.1f} ms;"
+                  f" p99 {_percentile(latencies, 0.99) * 1000:.1f} ms,"
+                  f" daemon CPU {cpu_per_task * 1e6:.0f} us/task;"
                   f" huey {huey_rate:>6,.0f} tasks/s (SqliteHuey, {HUEY_WORKERS} thread workers);"
                   f" ratio {ratios[-1]:.2f}x")
         rss = await bench_memory(endpoint, 200)
