@@ -178,6 +178,7 @@ class ApiClient:
     """An async client for the daemon's socket (tests run inside the event loop)."""
 
     def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
         self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path)))
 
     async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:

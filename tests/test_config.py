@@ -83,7 +83,7 @@ def test_example_config_is_valid_and_complete() -> None:
 
     example = ROOT / "config.example.toml"
     data = tomllib.loads(example.read_text())
-    defaults = Settings().model_dump(mode="json")
+    defaults = Settings().model_dump(mode="json", by_alias=True)
     # Every key the example names exists, and every setting is documented in the example.
     for section, values in defaults.items():
         assert section in data, f"[{section}] missing from config.example.toml"

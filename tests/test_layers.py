@@ -17,6 +17,7 @@ ORDER = [
     "daemon",
     "server",
     "executor",
+    "workspace",
     "llm",
     "storage",
     "config",

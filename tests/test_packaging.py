@@ -92,5 +92,6 @@ async def test_the_wheel_serves_a_task_from_the_root_folder(
         assert task["state"] == "succeeded"
         assert task["executions"][0]["summary"] == "served from a wheel"
     finally:
-        daemon.terminate()
+        if daemon.returncode is None:
+            daemon.terminate()
         await daemon.wait()

@@ -468,3 +468,47 @@ async def test_a_follower_is_woken_by_the_log_not_by_polling_and_leaves_with_its
         return len(pool._watchers) == 0
 
     await until(follower_gone, timeout_s=5)
+
+
+async def test_a_reply_to_a_running_task_waits_then_continues_with_the_earlier_turns(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="first answer", chunks=10, chunk_delay_s=0.1), Reply(text="second"))
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    task = await api.submit(prompt="first question", agent="local")
+
+    async def running() -> bool:
+        _, t = await api.call("GET", f"/tasks/{task['id']}")
+        return bool(t["state"] == "running")
+
+    await until(running)
+    status, replied = await api.call("POST", f"/tasks/{task['id']}/reply",
+                                     json={"prompt": "and then?"})
+    assert status == 200 and replied["state"] == "running"  # kept until the first is done
+
+    async def two_done() -> bool:
+        _, t = await api.call("GET", f"/tasks/{task['id']}")
+        return t["state"] == "succeeded" and len(t["executions"]) == 2
+
+    await until(two_done)
+    _, done = await api.call("GET", f"/tasks/{task['id']}")
+    assert [e["prompt"] for e in done["executions"]] == ["first question", "and then?"]
+    assert done["executions"][1]["summary"] == "second"
+    messages = fake.requests[1]["body"]["messages"]
+    assert messages == [{"role": "user", "content": "first question"},
+                        {"role": "assistant", "content": "first answer"},
+                        {"role": "user", "content": "and then?"}]
+
+
+async def test_reply_checks(make_settings: MakeSettings, fake_openai: MakeFake,
+                            daemon: Any) -> None:
+    fake = await fake_openai()
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    status, error = await api.call("POST", "/tasks/999/reply", json={"prompt": "x"})
+    assert status == 404 and error["error"]["code"] == "not_found"
+    task = await api.wait((await api.submit(prompt="q", agent="local"))["id"])
+    status, error = await api.call("POST", f"/tasks/{task['id']}/reply", json={"prompt": " "})
+    assert status == 400 and "prompt is empty" in error["error"]["message"]
+    status, error = await api.call("POST", f"/tasks/{task['id']}/merge", json={})
+    assert status == 409 and "runs in place" in error["error"]["message"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.paths import client_socket_path
-from corral.render import render_log, task_detail, task_table
+from corral.render import render_log, task_detail, task_table, workspace_table
 from corral.server.client import ApiError, CorralClient, DaemonUnreachable
 
 if TYPE_CHECKING:  # the client commands never load pydantic
@@ -108,6 +108,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["timeout_s"] = args.timeout
     if args.retries is not None:
         body["max_retries"] = args.retries
+    if args.no_isolate:
+        body["isolate"] = False
+    if args.base:
+        body["base"] = args.base
     client = _client(args)
     task = client.request("POST", "/tasks", body)
     if args.wait:
@@ -167,6 +171,57 @@ def _task_action(args: argparse.Namespace, action: str) -> int:
         _print_json(task)
     else:
         print(f"task {task['id']} {task['state']}")
+    return EXIT_OK
+
+
+def cmd_reply(args: argparse.Namespace) -> int:
+    client = _client(args)
+    task = client.request("POST", f"/tasks/{args.id}/reply", {"prompt": _read_prompt(args.prompt)})
+    if args.wait:
+        task = _wait(client, int(task["id"]))
+    if args.json:
+        _print_json(task)
+    elif args.wait:
+        print(task_detail(task))
+    else:
+        print(f"task {task['id']} {task['state']}")
+    return EXIT_FAILED if args.wait and task["state"] != "succeeded" else EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    query = {"stat": "1" if args.stat else None}
+    for chunk in _client(args).stream(f"/tasks/{args.id}/diff", query=query):
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    done = _client(args).request("POST", f"/tasks/{args.id}/merge", {"squash": args.squash})
+    if args.json:
+        _print_json(done)
+    else:
+        kept = "deleted" if done["branch_deleted"] else "kept"
+        print(f"task {done['task_id']}: merged {done['branch']} as {done['merged'][:12]}"
+              f" (branch {kept})")
+    return EXIT_OK
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    done = _client(args).request("POST", f"/tasks/{args.id}/discard")
+    if args.json:
+        _print_json(done)
+    else:
+        print(f"task {done['task_id']}: discarded {done['discarded']}")
+    return EXIT_OK
+
+
+def cmd_workspaces(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/workspaces")
+    if args.json:
+        _print_json(data["workspaces"])
+    else:
+        print(workspace_table(data["workspaces"]))
     return EXIT_OK
 
 
@@ -234,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=_positive_float, help="seconds")
     p.add_argument("--retries", type=int)
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run in --dir itself, not in a worktree of its own")
+    p.add_argument("--base", help="the commit or branch the task's worktree starts from")
     p.add_argument("--wait", action="store_true", help="block until the task is final")
     p = sub.add_parser("ls", parents=[common], help="list tasks")
     p.add_argument("--state", choices=["queued", "running", *FINAL_STATES])
@@ -248,6 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="print the stream-json lines")
     p.add_argument("--stderr", action="store_true", help="print stderr.log instead")
     p.add_argument("--execution", type=int, help="a specific execution (default: the latest)")
+    p = sub.add_parser("reply", parents=[common],
+                       help="a follow-up in the same conversation and workspace")
+    p.add_argument("id", type=int)
+    p.add_argument("prompt", help="the follow-up, or - to read it from stdin")
+    p.add_argument("--wait", action="store_true", help="block until the task is final")
+    p = sub.add_parser("diff", parents=[common], help="the task's branch against its base")
+    p.add_argument("id", type=int)
+    p.add_argument("--stat", action="store_true", help="a diffstat instead of the patch")
+    p = sub.add_parser("merge", parents=[common],
+                       help="merge the task's branch into your checked-out branch")
+    p.add_argument("id", type=int)
+    p.add_argument("--squash", action="store_true", help="one commit instead of a merge")
+    p = sub.add_parser("discard", parents=[common], help="remove the task's worktree and branch")
+    p.add_argument("id", type=int)
+    sub.add_parser("workspaces", parents=[common], help="each task's worktree and branch")
     sub.add_parser("agents", parents=[common], help="agents and their state")
     sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
     return parser
@@ -256,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "serve": cmd_serve, "config": cmd_config, "submit": cmd_submit, "ls": cmd_ls,
     "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel, "retry": cmd_retry,
+    "reply": cmd_reply, "diff": cmd_diff, "merge": cmd_merge, "discard": cmd_discard,
+    "workspaces": cmd_workspaces,
     "agents": cmd_agents, "stats": cmd_stats,
 }
 

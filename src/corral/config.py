@@ -24,7 +24,7 @@ from corral.paths import default_config_path, default_data_dir, default_socket_p
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
 
 
 class DaemonSettings(_Section):
@@ -134,6 +134,26 @@ class ClassifierSettings(_Section):
         return value
 
 
+class WorkspaceSettings(_Section):
+    """Each task in a git repository runs in a worktree and branch of its own."""
+
+    isolate: bool = True
+    root: Path | None = None  # default: <data_dir>/worktrees
+    branch_prefix: str = "corral/"
+    # Untracked files the agent needs, copied into each worktree by glob (inside the repo only).
+    # The key is `copy`; the attribute is named apart from pydantic's own BaseModel.copy.
+    copy_globs: list[str] = Field(default_factory=lambda: [".env", ".env.*"], alias="copy")
+    delete_merged: bool = True
+    keep_days: float = Field(default=14.0, ge=0)
+
+    @field_validator("branch_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or value.startswith(("-", "/")) or ".." in value or " " in value:
+            raise ValueError("must be a plain branch-name prefix such as corral/")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything the daemon reads at startup. Build it directly in tests."""
 
@@ -150,6 +170,7 @@ class Settings(BaseSettings):
     gemini: GeminiSettings = Field(default_factory=GeminiSettings)
     local_model: LocalModelSettings = Field(default_factory=LocalModelSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    workspace: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -165,7 +186,7 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, with every secret replaced."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)
         if self.local_model.api_key is not None:
             data["local_model"]["api_key"] = "***"
         for section in ("claude", "gemini"):

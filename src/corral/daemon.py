@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from corral.errors import ConfigError
 from corral.executor.classifier import Classifier
 from corral.executor.claude import ClaudeRunner
 from corral.executor.gemini import GeminiRunner
+from corral.executor.landing import Landing
 from corral.executor.local import LocalRunner
 from corral.executor.pool import Pool
 from corral.executor.proc import kill_group, resolve_binary
@@ -36,10 +37,13 @@ from corral.llm.client import Client
 from corral.models import ProcessIdentity
 from corral.server.app import build_app
 from corral.storage.sqlite import SqliteStore
+from corral.workspace.manager import Workspaces
 
 log = logging.getLogger("corral")
 # Allocations between young-generation collections (CPython defaults to 700).
 GC_GEN0_THRESHOLD = 7000
+# How often idle worktrees past [workspace] keep_days are looked for (also at every start).
+CLEANUP_EVERY_S = 3600.0
 
 
 class SocketInUse(ConfigError):
@@ -217,9 +221,18 @@ async def running_daemon(
         if agents.client is not None:
             await stack.enter_async_context(agents.client)
         classifier = build_classifier(settings, agents, env) if agents.runners else None
+        ws = settings.workspace
+        workspaces = Workspaces(ws.root or data_dir / "worktrees", branch_prefix=ws.branch_prefix,
+                                copy=ws.copy_globs, delete_merged=ws.delete_merged)
+        landing = Landing(store, workspaces, keep_days=ws.keep_days)
+        try:  # `git worktree prune`, idle worktrees; a failure here must not stop the daemon
+            await landing.cleanup()
+        except Exception:
+            log.exception("cleaning up workspaces at startup failed")
         pool = Pool(store, agents.runners, classifier, settings.pool, data_dir / "executions",
-                    unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds)
-        app = build_app(pool, store, max_request_bytes=settings.daemon.max_request_bytes)
+                    unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds,
+                    workspaces=workspaces, isolate_default=ws.isolate)
+        app = build_app(pool, store, landing, max_request_bytes=settings.daemon.max_request_bytes)
         # A handler whose client has gone is cancelled: a follower of a log stops at once.
         # Handlers that change state shield that work (server.app).
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -227,14 +240,30 @@ async def running_daemon(
         await runner.setup()
         stack.callback(socket_path.unlink, missing_ok=True)
         stack.push_async_callback(runner.cleanup)
+        # The pool starts before the socket exists, so the first client finds it taking work;
+        # it is entered after the server's cleanup, so on the way out it stops first and
+        # clients get a 503 meanwhile, not a refused connection.
+        await stack.enter_async_context(pool)
         # A deep backlog: a burst of clients (scripts, other agents) must queue, not fail.
         site = web.UnixSite(runner, str(socket_path), backlog=4096)
         await site.start()
         os.chmod(socket_path, 0o600)
-        await stack.enter_async_context(pool)
+        cleaner = asyncio.create_task(_every(CLEANUP_EVERY_S, landing.cleanup),
+                                      name="corral-workspace-cleanup")
+        stack.callback(cleaner.cancel)
         log.info("corral serving on %s with agents %s", socket_path,
                  ", ".join(agents.runners) or "none")
         yield pool
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+    """Run ``job`` every ``seconds`` until cancelled; a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic %s failed", getattr(job, "__name__", "job"))
 
 
 def _tune_gc() -> None:

@@ -5,6 +5,7 @@ Kept free of heavy imports: the CLI reads these names without loading the daemon
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -45,6 +46,26 @@ AUTO = "auto"
 KNOWN_AGENTS: tuple[str, ...] = tuple(a.value for a in AgentType)
 
 
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    """A task's own git worktree and branch (``state``: planned, active, removed, merged,
+    discarded). ``subdir`` is where the task's dir sits inside the repository."""
+
+    repo: str
+    path: str
+    branch: str
+    base_commit: str
+    subdir: str = "."
+    state: str = "planned"
+
+    def replace(self, **changes: Any) -> Workspace:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo": self.repo, "path": self.path, "branch": self.branch,
+                "base_commit": self.base_commit, "subdir": self.subdir, "state": self.state}
+
+
 @dataclass(slots=True)
 class Task:
     id: int
@@ -62,6 +83,11 @@ class Task:
     max_retries: int = 0
     timeout_s: float | None = None
     error: str | None = None
+    isolate: bool = True
+    base_ref: str | None = None
+    workspace: Workspace | None = None
+    # What the next execution is asked: the prompt, or the reply that follows it.
+    current_prompt: str | None = None
     rate_limit_requeues: int = 0
     run_after: float = 0.0
     created_at: float = 0.0
@@ -72,6 +98,7 @@ class Task:
         # Field by field rather than dataclasses.asdict: this runs for every API answer.
         data = {name: getattr(self, name) for name in _TASK_FIELDS}
         data["state"] = str(self.state)
+        data["workspace"] = None if self.workspace is None else self.workspace.to_dict()
         data["executions"] = [e.to_dict() for e in self.executions]
         return data
 
@@ -98,11 +125,25 @@ class Execution:
     log_dir: str | None = None
     pgid: int | None = None
     duration_ms: int | None = None  # set from the two times by whoever reads them
+    prompt: str | None = None  # what this execution was asked (the task's prompt or a reply)
+    commit: str | None = None  # the commit on the task's branch that records what it changed
+    resumed_session: str | None = None  # the agent session it continued, if any
+    files: list[FileChange] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in _EXECUTION_FIELDS}
         data["status"] = str(self.status)
+        data["files"] = [dataclasses.asdict(f) for f in self.files]
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class FileChange:
+    """One file an execution changed (from ``git diff --numstat`` of its commit)."""
+
+    path: str
+    insertions: int
+    deletions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,5 +159,5 @@ class ProcessIdentity:
     boot_id: str | None
 
 
-_TASK_FIELDS = tuple(f.name for f in fields(Task) if f.name != "executions")
-_EXECUTION_FIELDS = tuple(f.name for f in fields(Execution))
+_TASK_FIELDS = tuple(f.name for f in fields(Task) if f.name not in ("executions", "workspace"))
+_EXECUTION_FIELDS = tuple(f.name for f in fields(Execution) if f.name != "files")

@@ -42,6 +42,47 @@ def task_table(tasks: list[dict[str, Any]], now: float | None = None) -> str:
     )
 
 
+def _workspace_line(task: dict[str, Any]) -> str:
+    ws = task.get("workspace")
+    if ws:
+        return (f"  workspace: {ws['branch']} in {ws['path']} ({ws['state']};"
+                f" from {ws['base_commit'][:12]} of {ws['repo']})")
+    if not task.get("workdir"):
+        return "  workspace: - (no working dir)"
+    if task.get("isolate") is False:
+        return "  workspace: - (runs in place: --no-isolate)"
+    return "  workspace: - (runs in place: not a git repository)"
+
+
+def workspace_table(workspaces: list[dict[str, Any]]) -> str:
+    if not workspaces:
+        return "no workspaces"
+    rows = [("TASK", "STATE", "BRANCH", "AHEAD", "BEHIND", "DISK", "PATH")]
+    for w in workspaces:
+        rows.append((str(w["task_id"]), f"{w['task_state']}/{w['state']}", w["branch"],
+                     _count(w.get("ahead")), _count(w.get("behind")),
+                     _size(w.get("disk_bytes")), w["path"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(wd) for c, wd in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    )
+
+
+def _count(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _size(value: object) -> str:
+    if not isinstance(value, int):
+        return "-"
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value}{unit}" if unit == "B" else f"{value:.0f}{unit}"
+        value //= 1024
+    return f"{value}GiB"
+
+
 def _money(value: float | None) -> str:
     return "-" if value is None else f"${value:.6f}".rstrip("0").rstrip(".")
 
@@ -55,6 +96,7 @@ def task_detail(task: dict[str, Any]) -> str:
         f"  model:     {task.get('model') or '(agent default)'}",
         f"  why:       {task.get('classifier_reason') or '-'}",
         f"  workdir:   {task.get('workdir') or '-'}",
+        _workspace_line(task),
         f"  priority:  {task['priority']}   attempts: {task['attempts']}"
         f" (retries allowed: {task['max_retries']})",
     ]
@@ -69,8 +111,9 @@ def task_detail(task: dict[str, Any]) -> str:
             f" tokens {e.get('tokens_in') or 0} in / {e.get('tokens_out') or 0} out"
         )
         if e.get("files_changed") is not None:
+            commit = f" in {e['commit'][:12]}" if e.get("commit") else ""
             lines.append(f"    changed: {e['files_changed']} files,"
-                         f" +{e.get('insertions') or 0} -{e.get('deletions') or 0}")
+                         f" +{e.get('insertions') or 0} -{e.get('deletions') or 0}{commit}")
         if e.get("summary"):
             lines.append(f"    summary: {_one_line(e['summary'], 200)}")
         if e.get("error"):

@@ -59,6 +59,8 @@ class ClaudeRunner(CliRunner):
 
     def argv(self, binary: str, request: RunRequest, model: str | None) -> list[str]:
         argv = [binary, "-p", "--output-format", "stream-json", "--verbose"]
+        if request.resume_session_id:  # the same conversation; sessions live per working dir
+            argv += ["--resume", request.resume_session_id]
         if model:
             argv += ["--model", model]
         if self.permission_mode:

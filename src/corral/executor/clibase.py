@@ -1,8 +1,8 @@
 """Shared life cycle of the runners that drive an agent CLI (claude, gemini).
 
 Subclasses say how to build the command line and how to read the CLI's lines; this base starts
-the process without a shell, writes the logs, enforces the timeout, turns a missing binary into
-a clear failed result, and measures the git change when the working dir is a repository.
+the process without a shell, writes the logs, enforces the timeout, and turns a missing binary
+into a clear failed result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import BinaryIO
 
 from corral.config import looks_secret
-from corral.executor.changes import git_base, measure_changes
 from corral.executor.proc import LineHandler, ProcOutcome, resolve_binary, run_agent_process
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_logs
 from corral.executor.streamjson import EnvelopeWriter
@@ -82,7 +81,6 @@ class CliRunner(ABC):
         with stderr, w:
             if binary is None:
                 return self._missing_binary(w, stderr)
-            base = await git_base(request.workdir)
             handler = self.handler(w, stderr, request, model)
             started = time.monotonic()
             try:
@@ -113,7 +111,6 @@ class CliRunner(ABC):
             elif outcome.stopped is not None:
                 _write_end(w, outcome.stopped.reason, started)
             result.model = result.model or model
-        result.apply_changes(await measure_changes(request.workdir, base, result.final_text))
         return result
 
     def _missing_binary(self, writer: EnvelopeWriter, stderr: BinaryIO) -> RunResult:

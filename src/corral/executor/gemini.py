@@ -56,6 +56,8 @@ class GeminiRunner(CliRunner):
         # The prompt goes on stdin (the CLI prepends stdin to -p's empty value): no argv length
         # limit, never visible in `ps`, never near a shell.
         argv = [binary, "-p", "", "--output-format", "stream-json", "--skip-trust"]
+        if request.resume_session_id:  # the CLI finds a session of this dir by its id
+            argv += ["--resume", request.resume_session_id]
         if model:
             argv += ["-m", model]
         if self.approval_mode:

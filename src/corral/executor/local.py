@@ -10,7 +10,6 @@ import asyncio
 import time
 
 from corral.errors import LLMError, RateLimitError
-from corral.executor.changes import git_base, measure_changes
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_envelope
 from corral.executor.streamjson import EnvelopeWriter, new_message_id, new_session_id, trim
 from corral.llm.client import ChatRequest, ChatResponse, Client, Message
@@ -41,15 +40,16 @@ class LocalRunner:
         model = request.model or self.client.model
         timeout_s = request.timeout_s or self.timeout_s
         session_id = new_session_id()
-        base = await git_base(request.workdir)
         started = time.monotonic()
         writer = await open_envelope(request)
         with writer:
             writer.init(session_id=session_id, model=model,
                         cwd=str(request.workdir) if request.workdir else None,
                         source="local", endpoint=self.client.endpoint)
+            turns = [m for asked, answered in request.history
+                     for m in (Message("user", asked), Message("assistant", answered))]
             chat = ChatRequest(
-                messages=[Message("user", request.prompt)],
+                messages=[*turns, Message("user", request.prompt)],
                 temperature=self.temperature, max_tokens=self.max_tokens,
             )
             try:
@@ -70,9 +70,7 @@ class LocalRunner:
             except asyncio.CancelledError:
                 self._failed(writer, session_id, started, RunStatus.FAILED, "cancelled")
                 raise
-            result = self._succeeded(writer, session_id, started, response, model)
-        result.apply_changes(await measure_changes(request.workdir, base, result.final_text))
-        return result
+            return self._succeeded(writer, session_id, started, response, model)
 
     def _succeeded(
         self, writer: EnvelopeWriter, session_id: str, started: float,

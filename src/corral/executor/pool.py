@@ -24,20 +24,26 @@ from typing import Any, Self
 
 from corral.config import PoolSettings
 from corral.errors import BadRequest, Conflict, ShuttingDown
+from corral.executor.changes import git_base, measure_changes
 from corral.executor.classifier import Classifier
+from corral.executor.continuation import continuation
 from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus, make_folders
+from corral.executor.streamjson import ChangeStat
 from corral.executor.watch import Watchers
 from corral.models import (
     AUTO,
     KNOWN_AGENTS,
     ExecStatus,
     Execution,
+    FileChange,
     ProcessIdentity,
     Task,
     TaskState,
+    Workspace,
 )
 from corral.retry import backoff_delay
 from corral.storage.base import Store
+from corral.workspace.manager import CommitStat, WorkspaceError, Workspaces, find_repository
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,7 @@ class _Job:
     folder: Path
     worker: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
+    resumed_session: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -99,8 +106,12 @@ class Pool:
         unavailable: Mapping[str, str] | None = None,
         grace_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        workspaces: Workspaces | None = None,
+        isolate_default: bool = True,
     ) -> None:
         self.store = store
+        self.workspaces = workspaces
+        self.isolate_default = isolate_default
         self.settings = settings
         self.classifier = classifier
         self.executions_dir = executions_dir
@@ -194,8 +205,14 @@ class Pool:
         priority: int = 0,
         max_retries: int | None = None,
         timeout_s: float | None = None,
+        isolate: bool | None = None,
+        base_ref: str | None = None,
     ) -> Task:
-        """Store a task. A registered agent pins it; anything else goes to the classifier."""
+        """Store a task. A registered agent pins it; anything else goes to the classifier.
+
+        A task whose dir is in a git repository gets a workspace of its own (unless
+        ``isolate`` is false), starting from the repository's HEAD now, or ``base_ref``.
+        """
         if not self._accepting:
             raise ShuttingDown("the daemon is shutting down and takes no new tasks")
         if agent is not None and agent != AUTO and agent not in KNOWN_AGENTS:
@@ -203,6 +220,8 @@ class Pool:
                 f"unknown agent {agent!r}; known agents: {', '.join((*KNOWN_AGENTS, AUTO))}",
                 code="unknown_agent",
             )
+        isolate = self.isolate_default if isolate is None else isolate
+        plan = await self._plan_workspace(prompt, workdir, isolate, base_ref)
         pinned = agent in self.agents
         task = await self.store.create_task(
             prompt, requested_agent=agent, requested_model=model,
@@ -210,7 +229,7 @@ class Pool:
             classifier_reason="requested by the submitter" if pinned else None,
             workdir=workdir, priority=priority,
             max_retries=self.settings.default_max_retries if max_retries is None else max_retries,
-            timeout_s=timeout_s,
+            timeout_s=timeout_s, isolate=isolate, base_ref=base_ref, workspace=plan,
         )
         if pinned:
             self.wake()
@@ -231,6 +250,46 @@ class Pool:
             job.worker.cancel()
         await job.done.wait()
         return await self.store.get_task(task_id, with_executions=True)
+
+    async def _plan_workspace(
+        self, prompt: str, workdir: str | None, isolate: bool, base_ref: str | None
+    ) -> Callable[[int], Workspace] | None:
+        """How the new task's workspace is named from its id, or None: it runs in place."""
+        if workdir is None or not isolate or self.workspaces is None:
+            if base_ref is not None:
+                raise BadRequest("--base needs a working dir in a git repository, isolated",
+                                 code="bad_base")
+            return None
+        workspaces = self.workspaces
+        try:
+            repo = await find_repository(Path(workdir))
+            if repo is None:
+                if base_ref is not None:
+                    raise BadRequest(f"--base given, but {workdir} is not in a git repository",
+                                     code="bad_base")
+                return None
+            base = await workspaces.base_commit(repo, base_ref)
+        except WorkspaceError as exc:
+            raise BadRequest(exc.message, code="bad_workspace") from None
+        return lambda task_id: workspaces.plan(task_id, prompt, repo, base)
+
+    async def reply(self, task_id: int, prompt: str) -> Task:
+        """A follow-up in the same conversation, on the same agent and in the same workspace.
+
+        A finished task runs again with it; a queued or running one takes it once the current
+        prompt is done.
+        """
+        if not self._accepting:
+            raise ShuttingDown("the daemon is shutting down and takes no new tasks")
+        earlier = await self.store.executions_for(task_id)
+        agent = earlier[-1].agent if earlier else None
+        task = await self.store.add_reply(task_id, prompt,
+                                          agent=agent if agent in self.agents else None)
+        task.executions = earlier
+        if task.agent is None:
+            self._classify_later(task)
+        self.wake()
+        return task
 
     async def retry(self, task_id: int) -> Task:
         task = await self.store.requeue(task_id)
@@ -395,23 +454,27 @@ class Pool:
 
     async def _run(self, job: _Job) -> None:
         task, slot, execution = job.task, job.slot, job.execution
+        where: _Where | None = None
         try:
-            request = RunRequest(
-                prompt=task.prompt, exec_dir=job.folder, model=task.model,
-                workdir=Path(task.workdir) if task.workdir else None, timeout_s=task.timeout_s,
-                on_process=self._process_recorder(execution.id),
-                on_output=lambda: self._watchers.notify(("execution", execution.id)),
-            )
             try:
-                result = await slot.runner.run(request)
+                where = await self._prepare(job)
+                result = await slot.runner.run(await self._request(job, where))
             except asyncio.CancelledError:
-                await asyncio.shield(self._record_cancel(job, execution))
+                # Cancelled at any point of the attempt (preparing it included): recorded.
+                # What the agent changed before it was stopped is kept on the branch too.
+                changes = (_Changes() if where is None
+                           else await asyncio.shield(self._changes(job, where, None)))
+                await asyncio.shield(self._record_cancel(job, execution, changes))
                 return
+            except WorkspaceError as exc:
+                result = RunResult(status=RunStatus.FAILED, error=exc.message)
             except Exception as exc:  # a runner bug or a disk failure: recorded, not fatal
                 log.exception("runner %s crashed on task %s", slot.name, task.id)
                 result = RunResult(status=RunStatus.FAILED,
                                    error=f"{slot.name} runner error: {type(exc).__name__}: {exc}")
-            await asyncio.shield(self._record(job, execution, result))
+            changes = (_Changes() if where is None
+                       else await asyncio.shield(self._changes(job, where, result.final_text)))
+            await asyncio.shield(self._record(job, execution, result, changes))
         except Exception:
             # The store failed; a restart's recovery requeues what is still marked running.
             log.exception("recording task %s failed", task.id)
@@ -423,30 +486,85 @@ class Pool:
             job.done.set()
             self.wake()
 
+    async def _request(self, job: _Job, where: _Where) -> RunRequest:
+        """What the runner is asked: the prompt, where, and how it goes on from before."""
+        task, execution = job.task, job.execution
+        earlier = [e for e in await self.store.executions_for(task.id) if e.id < execution.id]
+        going_on = await continuation(task, execution, earlier)
+        job.resumed_session = going_on.resume_session_id
+        return RunRequest(
+            prompt=going_on.prompt, exec_dir=job.folder, model=task.model,
+            workdir=where.cwd, timeout_s=task.timeout_s,
+            resume_session_id=going_on.resume_session_id, history=going_on.history,
+            on_process=self._process_recorder(execution.id),
+            on_output=lambda: self._watchers.notify(("execution", execution.id)),
+        )
+
+    async def _prepare(self, job: _Job) -> _Where:
+        """Where the execution runs: its task's worktree (made now if need be), else the dir."""
+        task = job.task
+        ws = task.workspace
+        if ws is not None and self.workspaces is not None:
+            ready = await self.workspaces.ensure(ws)
+            if ready != ws:
+                await self.store.set_workspace(task.id, ready)
+                task.workspace = ready
+            return _Where(Path(ready.path) / ready.subdir, await self.workspaces.head(ready),
+                          ready)
+        cwd = Path(task.workdir) if task.workdir else None
+        return _Where(cwd, await git_base(cwd), None)
+
+    async def _changes(self, job: _Job, where: _Where, final_text: str | None) -> _Changes:
+        """What the execution changed: committed on the task's branch when it has one."""
+        ws = where.workspace
+        if ws is None or self.workspaces is None or where.start is None:
+            stat = await measure_changes(where.cwd, where.start, final_text)
+            return _Changes(stat)
+        summary = " ".join((job.execution.prompt or job.task.prompt).split())[:72]
+        message = f"corral: task {job.task.id}, execution {job.execution.id}\n\n{summary}"
+        try:
+            committed: CommitStat = await self.workspaces.commit(ws, where.start, message)
+        except WorkspaceError as exc:
+            log.warning("task %s: committing its changes failed: %s", job.task.id, exc.message)
+            return _Changes(error=f"the changes could not be committed: {exc.message}")
+        files = [FileChange(path, added, deleted) for path, added, deleted in committed.files]
+        stat = ChangeStat(len(files), committed.insertions, committed.deletions)
+        return _Changes(stat, files, committed.commit)
+
     def _process_recorder(self, execution_id: int) -> Callable[[ProcessIdentity], Awaitable[None]]:
         async def record(proc: ProcessIdentity) -> None:
             await self.store.set_execution_process(execution_id, proc)
 
         return record
 
-    async def _record(self, job: _Job, execution: Execution, result: RunResult) -> None:
+    async def _record(
+        self, job: _Job, execution: Execution, result: RunResult, changes: _Changes
+    ) -> None:
         task, slot = job.task, job.slot
+        result.apply_changes(changes.stat)
+        error = result.error
+        if changes.error:
+            error = f"{error}; {changes.error}" if error else changes.error
         exec_fields: dict[str, Any] = {
             "status": ExecStatus(result.status), "exit_code": result.exit_code,
-            "error": result.error, "session_id": result.session_id, "summary": result.summary,
+            "error": error, "session_id": result.session_id, "summary": result.summary,
             "cost_usd": result.cost_usd, "tokens_in": result.tokens_in,
             "tokens_out": result.tokens_out, "files_changed": result.files_changed,
             "insertions": result.insertions, "deletions": result.deletions,
-            "model": result.model or execution.model,
+            "model": result.model or execution.model, "commit_sha": changes.commit,
+            "resumed_session": job.resumed_session,
         }
         if result.status == RunStatus.SUCCEEDED:
             slot.cooldowns_in_a_row = 0
         else:
             slot.last_error = result.error
         task_fields = self._next_task_state(task, slot, result, self.clock())
-        await self.store.finish(execution.id, task.id, execution=exec_fields, task=task_fields)
-        if task_fields["state"] != TaskState.QUEUED:
+        state = await self.store.finish(execution.id, task.id, execution=exec_fields,
+                                        task=task_fields, files=changes.files)
+        if state.final:
             self._finalised(task.id)
+        else:
+            self.wake()  # a retry, a rate-limit requeue, or a reply that was waiting
 
     def _next_task_state(
         self, task: Task, slot: AgentSlot, result: RunResult, now: float
@@ -486,7 +604,7 @@ class Pool:
         log.warning("agent %s rate limited; cooling down for %.1fs", slot.name, seconds)
         return seconds
 
-    async def _record_cancel(self, job: _Job, execution: Execution) -> None:
+    async def _record_cancel(self, job: _Job, execution: Execution, changes: _Changes) -> None:
         task = job.task
         if job.cancel_reason == "cancelled":
             task_fields: dict[str, Any] = {"state": TaskState.CANCELLED,
@@ -496,9 +614,31 @@ class Pool:
             task_fields = {"state": TaskState.QUEUED, "attempts": task.attempts - 1,
                            "error": None}
             status = ExecStatus.INTERRUPTED
-        await self.store.finish(
-            execution.id, task.id, task=task_fields,
-            execution={"status": status, "error": task_fields["error"] or "daemon shutdown"},
+        stat = changes.stat
+        state = await self.store.finish(
+            execution.id, task.id, task=task_fields, files=changes.files,
+            execution={"status": status, "error": task_fields["error"] or "daemon shutdown",
+                       "commit_sha": changes.commit, "resumed_session": job.resumed_session,
+                       "files_changed": stat.files_changed if stat else None,
+                       "insertions": stat.insertions if stat else None,
+                       "deletions": stat.deletions if stat else None},
         )
-        if task_fields["state"] != TaskState.QUEUED:
+        if state.final:
             self._finalised(task.id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where an execution runs, and the commit its changes are measured from."""
+
+    cwd: Path | None
+    start: str | None
+    workspace: Workspace | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Changes:
+    stat: ChangeStat | None = None
+    files: list[FileChange] = field(default_factory=list)
+    commit: str | None = None
+    error: str | None = None

@@ -12,7 +12,7 @@ import asyncio
 import enum
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -38,6 +38,10 @@ class RunRequest:
     model: str | None = None
     workdir: Path | None = None
     timeout_s: float | None = None
+    # Going on from earlier executions of the task: the agent's own session to resume, and
+    # the earlier turns (asked, answered) for an agent that cannot resume one.
+    resume_session_id: str | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)
     # Told who the agent's process group leader is once it starts, so that after a crash
     # the next daemon can end exactly that group.
     on_process: Callable[[ProcessIdentity], Awaitable[None]] | None = None

@@ -21,14 +21,18 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from corral.errors import BadRequest, CorralError, NotFound, PayloadTooLarge
+from corral.executor.landing import Landing
 from corral.executor.pool import Pool
 from corral.executor.runner import STDERR_LOG, STDOUT_LOG
 from corral.host.peercred import peer_uid as socket_peer_uid
 from corral.models import Execution, Task
 from corral.server.openapi import Route, openapi_spec
 from corral.server.schemas import (
+    DiffQuery,
     ListQuery,
     LogQuery,
+    MergeRequest,
+    ReplyCreate,
     TaskCreate,
     TaskList,
     WaitQuery,
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 POOL_KEY = web.AppKey("pool", Pool)
 STORE_KEY = web.AppKey("store", Store)
+LANDING_KEY = web.AppKey("landing", Landing)
 SPEC_KEY = web.AppKey("openapi", dict)
 _READ_CHUNK_BYTES = 256 * 1024
 
@@ -64,7 +69,7 @@ async def api_middleware(
         response: web.StreamResponse = await handler(request)
         return response
     except CorralError as exc:
-        return _error(exc.http_status, exc.code, exc.message)
+        return web.json_response({"error": exc.to_dict()}, status=exc.http_status)
     except web.HTTPRequestEntityTooLarge as exc:
         return _error(413, PayloadTooLarge.code, f"request body is too large: {exc.text}")
     except web.HTTPException as exc:
@@ -137,8 +142,47 @@ async def create_task(request: web.Request) -> web.Response:
     task = await asyncio.shield(request.app[POOL_KEY].submit(
         spec.prompt, agent=spec.agent, model=spec.model, workdir=spec.workdir,
         priority=spec.priority, max_retries=spec.max_retries, timeout_s=spec.timeout_s,
+        isolate=spec.isolate, base_ref=spec.base,
     ))
     return _task_json(task, 201)
+
+
+async def _body(request: web.Request, model: type[Any]) -> Any:
+    body = await _json_body(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise BadRequest(validation_message(exc), code="invalid_body") from None
+
+
+async def reply_task(request: web.Request) -> web.Response:
+    spec: ReplyCreate = await _body(request, ReplyCreate)
+    return _task_json(await asyncio.shield(
+        request.app[POOL_KEY].reply(_task_id(request), spec.prompt)))
+
+
+async def diff_task(request: web.Request) -> web.Response:
+    query = parse_query(DiffQuery, request.query)
+    text = await request.app[LANDING_KEY].diff(_task_id(request), stat=query.stat)
+    return web.Response(text=text, content_type="text/x-diff")
+
+
+async def merge_task(request: web.Request) -> web.Response:
+    spec: MergeRequest = await _body(request, MergeRequest)
+    # Shielded: half a merge is never left behind by a client that hung up.
+    return web.json_response(await asyncio.shield(
+        request.app[LANDING_KEY].merge(_task_id(request), squash=spec.squash)))
+
+
+async def discard_task(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.shield(
+        request.app[LANDING_KEY].discard(_task_id(request))))
+
+
+async def workspaces(request: web.Request) -> web.Response:
+    return web.json_response({"workspaces": await request.app[LANDING_KEY].list()})
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -259,6 +303,20 @@ ROUTES = (
           "Cancel a queued or running task.", response=Task, errors=(404, 409)),
     Route("POST", "/tasks/{task_id}/retry", retry_task, "retryTask",
           "Queue a finished task again.", response=Task, errors=(404, 409)),
+    Route("POST", "/tasks/{task_id}/reply", reply_task, "replyTask",
+          "A follow-up in the same conversation and workspace (queued if the task runs).",
+          body=ReplyCreate, response=Task, errors=(400, 404, 503)),
+    Route("GET", "/tasks/{task_id}/diff", diff_task, "taskDiff",
+          "The task's branch against the commit it started from, as a patch or a stat.",
+          query=DiffQuery, content_type="text/x-diff", errors=(400, 404, 409)),
+    Route("POST", "/tasks/{task_id}/merge", merge_task, "mergeTask",
+          "Merge the task's branch into the branch checked out in the repository; refused"
+          " (tree untouched) on a conflict or uncommitted changes in the files it touched.",
+          body=MergeRequest, errors=(400, 404, 409)),
+    Route("POST", "/tasks/{task_id}/discard", discard_task, "discardTask",
+          "Remove the task's worktree and branch.", errors=(404, 409)),
+    Route("GET", "/workspaces", workspaces, "workspaces",
+          "Each workspace: task, branch, state, ahead/behind, disk use."),
     Route("GET", "/tasks/{task_id}/log", task_log, "taskLog",
           "An execution's log as stream-json lines, optionally followed live.",
           query=LogQuery, content_type="application/x-ndjson", errors=(400, 404)),
@@ -269,10 +327,13 @@ ROUTES = (
 )
 
 
-def build_app(pool: Pool, store: Store, *, max_request_bytes: int) -> web.Application:
+def build_app(
+    pool: Pool, store: Store, landing: Landing, *, max_request_bytes: int
+) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[api_middleware])
     app[POOL_KEY] = pool
     app[STORE_KEY] = store
+    app[LANDING_KEY] = landing
     app[SPEC_KEY] = openapi_spec(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

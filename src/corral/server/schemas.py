@@ -33,15 +33,16 @@ class TaskCreate(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000)
     timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     max_retries: int | None = Field(default=None, ge=0, le=100)
+    isolate: bool | None = Field(
+        default=None, description="Run in a worktree of its own when workdir is in a git"
+        " repository (default: [workspace] isolate).")
+    base: str | None = Field(default=None, min_length=1, max_length=200,
+                             description="The commit or branch the workspace starts from.")
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt is empty")
-        if "\x00" in value:
-            raise ValueError("prompt contains NUL characters")
-        return value
+        return _prompt_text(value)
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -63,6 +64,35 @@ class TaskCreate(BaseModel):
         return str(path)
 
 
+def _prompt_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt is empty")
+    if "\x00" in value:
+        raise ValueError("prompt contains NUL characters")
+    return value
+
+
+class ReplyCreate(BaseModel):
+    """A follow-up in the same conversation: the body of ``POST /tasks/{task_id}/reply``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return _prompt_text(value)
+
+
+class MergeRequest(BaseModel):
+    """The body of ``POST /tasks/{task_id}/merge``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    squash: bool = False
+
+
 class _Query(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -81,6 +111,12 @@ class WaitQuery(_Query):
     """``GET /tasks/{task_id}/wait``: block until the task is final or the time is up."""
 
     timeout_s: int = Field(default=30, ge=0, le=MAX_WAIT_S)
+
+
+class DiffQuery(_Query):
+    """``GET /tasks/{task_id}/diff``: the task's branch against its base."""
+
+    stat: bool = False
 
 
 class LogQuery(_Query):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from corral.models import Execution, ProcessIdentity, Task, TaskState
+from corral.models import Execution, FileChange, ProcessIdentity, Task, TaskState, Workspace
 
 Clock = Callable[[], float]
 # (the classifier's choice, free slots per agent) -> the agent a task runs on
@@ -48,7 +48,16 @@ class Store(Protocol):
         priority: int = 0,
         max_retries: int = 0,
         timeout_s: float | None = None,
+        isolate: bool = True,
+        base_ref: str | None = None,
+        workspace: Callable[[int], Workspace] | None = None,
     ) -> Task: ...
+
+    async def set_workspace(self, task_id: int, ws: Workspace) -> None: ...
+
+    async def workspaces(self, states: Iterable[str]) -> list[Task]: ...
+
+    async def add_reply(self, task_id: int, prompt: str, *, agent: str | None) -> Task: ...
 
     async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task: ...
 
@@ -83,7 +92,8 @@ class Store(Protocol):
         *,
         execution: dict[str, Any],
         task: dict[str, Any],
-    ) -> None: ...
+        files: Iterable[FileChange] = (),
+    ) -> TaskState: ...
 
     async def get_execution(self, execution_id: int) -> Execution: ...
 

@@ -13,39 +13,55 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from corral.errors import Conflict, NotFound
-from corral.models import ExecStatus, Execution, ProcessIdentity, Task, TaskState
+from corral.models import (
+    ExecStatus,
+    Execution,
+    FileChange,
+    ProcessIdentity,
+    Task,
+    TaskState,
+    Workspace,
+)
 from corral.storage.base import Balancer, Claimed, Clock
 from corral.storage.engine import Database, transaction
 
 _TASK_COLS = (
     "id, prompt, requested_agent, requested_model, agent, model, pinned, classifier_reason,"
     " workdir, priority, state, attempts, max_retries, timeout_s, error, rate_limit_requeues,"
-    " run_after, created_at, updated_at"
+    " run_after, created_at, updated_at, isolate, base_ref, ws_repo, ws_path, ws_branch,"
+    " ws_base_commit, ws_subdir, ws_state, current_prompt"
 )
 _EXEC_COLS = (
     "id, task_id, agent, model, status, started_at, finished_at, exit_code, error, session_id,"
     " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
-    " log_dir, pgid"
+    " log_dir, pgid, prompt, commit_sha, resumed_session"
 )
 _INSERT_TASK = (
     "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
-    " classifier_reason, workdir, priority, max_retries, timeout_s, state, created_at,"
-    f" updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?) RETURNING {_TASK_COLS}"
+    " classifier_reason, workdir, priority, max_retries, timeout_s, isolate, base_ref, state,"
+    f" created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'queued',?,?)"
+    f" RETURNING {_TASK_COLS}"
+)
+_SET_WORKSPACE = (
+    "UPDATE tasks SET ws_repo = ?, ws_path = ?, ws_branch = ?, ws_base_commit = ?,"
+    " ws_subdir = ?, ws_state = ?, updated_at = ? WHERE id = ?"
 )
 EXEC_RESULT_FIELDS = frozenset({
     "status", "finished_at", "exit_code", "error", "session_id", "summary", "cost_usd",
     "tokens_in", "tokens_out", "files_changed", "insertions", "deletions", "pgid", "model",
+    "commit_sha", "resumed_session",
 })
 TASK_UPDATE_FIELDS = frozenset({
     "state", "attempts", "error", "run_after", "agent", "model", "classifier_reason",
-    "rate_limit_requeues",
+    "rate_limit_requeues", "current_prompt", "pinned",
 })
+_FINAL = ("succeeded", "failed", "cancelled")
 
 
 def _task(row: Sequence[Any]) -> Task:
@@ -54,7 +70,11 @@ def _task(row: Sequence[Any]) -> Task:
         model=row[5], pinned=bool(row[6]), classifier_reason=row[7], workdir=row[8],
         priority=row[9], state=TaskState(row[10]), attempts=row[11], max_retries=row[12],
         timeout_s=row[13], error=row[14], rate_limit_requeues=row[15], run_after=row[16],
-        created_at=row[17], updated_at=row[18],
+        created_at=row[17], updated_at=row[18], isolate=bool(row[19]), base_ref=row[20],
+        workspace=None if row[21] is None else Workspace(
+            repo=row[21], path=row[22], branch=row[23], base_commit=row[24], subdir=row[25],
+            state=row[26]),
+        current_prompt=row[27],
     )
 
 
@@ -66,6 +86,7 @@ def _execution(row: Sequence[Any]) -> Execution:
         files_changed=row[14], insertions=row[15], deletions=row[16], log_dir=row[17],
         pgid=row[18],
         duration_ms=None if row[6] is None else int((row[6] - row[5]) * 1000),
+        prompt=row[19], commit=row[20], resumed_session=row[21],
     )
 
 
@@ -75,10 +96,28 @@ NEXT_READY_SQL = ("SELECT MIN(run_after) FROM tasks INDEXED BY tasks_delayed"
                   " WHERE state = 'queued' AND run_after > 0 AND run_after > ?")
 _NEXT_EXEC_ID = "(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'executions'), 0) + 1)"
 _INSERT_EXEC = (
-    "INSERT INTO executions (id, task_id, agent, model, status, started_at, log_dir)"
-    f" VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ? || {_NEXT_EXEC_ID})"
+    "INSERT INTO executions (id, task_id, agent, model, status, started_at, prompt, log_dir)"
+    f" VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ?, ? || {_NEXT_EXEC_ID})"
     f" RETURNING {_EXEC_COLS}"
 )
+
+
+def _take_reply(c: sqlite3.Connection, task_id: int, now: float) -> TaskState | None:
+    """Queue the task again with its earliest waiting reply, if it has one."""
+    row = c.execute("SELECT id, prompt FROM replies WHERE task_id = ? AND taken_at IS NULL"
+                    " ORDER BY id LIMIT 1", (task_id,)).fetchone()
+    if row is None:
+        return None
+    c.execute("UPDATE replies SET taken_at = ? WHERE id = ?", (now, row[0]))
+    c.execute("UPDATE tasks SET state = 'queued', current_prompt = ?, attempts = 0,"
+              " rate_limit_requeues = 0, error = NULL, run_after = 0, updated_at = ?"
+              " WHERE id = ?", (row[1], now, task_id))
+    return TaskState.QUEUED
+
+
+def _write_workspace(c: sqlite3.Connection, task_id: int, ws: Workspace, now: float) -> None:
+    c.execute(_SET_WORKSPACE, (ws.repo, ws.path, ws.branch, ws.base_commit, ws.subdir,
+                               ws.state, now, task_id))
 
 
 def claim_sql(agent_count: int) -> str:
@@ -111,7 +150,8 @@ def _claim_one(
     )
     # The id is chosen in the statement so the folder's name needs no second write.
     execution = _execution(
-        c.execute(_INSERT_EXEC, (task.id, task.agent, task.model, now, dir_prefix)).fetchall()[0]
+        c.execute(_INSERT_EXEC, (task.id, task.agent, task.model, now,
+                                 task.current_prompt or task.prompt, dir_prefix)).fetchall()[0]
     )
     slots[chosen] -= 1
     if slots[chosen] <= 0:
@@ -177,13 +217,60 @@ class SqliteStore:
         priority: int = 0,
         max_retries: int = 0,
         timeout_s: float | None = None,
+        isolate: bool = True,
+        base_ref: str | None = None,
+        workspace: Callable[[int], Workspace] | None = None,
     ) -> Task:
+        """Store a queued task. ``workspace`` names the task's workspace from its new id."""
         now = self._clock()
         values = (prompt, requested_agent, requested_model, agent, model, int(pinned),
-                  classifier_reason, workdir, priority, max_retries, timeout_s, now, now)
-        return await self._db.group.write(
-            lambda c: _task(c.execute(_INSERT_TASK, values).fetchall()[0])
-        )
+                  classifier_reason, workdir, priority, max_retries, timeout_s, int(isolate),
+                  base_ref, now, now)
+
+        def insert(c: sqlite3.Connection) -> Task:
+            task = _task(c.execute(_INSERT_TASK, values).fetchall()[0])
+            if workspace is not None:
+                task.workspace = workspace(task.id)
+                _write_workspace(c, task.id, task.workspace, now)
+            return task
+
+        return await self._db.group.write(insert)
+
+    async def set_workspace(self, task_id: int, ws: Workspace) -> None:
+        await self._db.group.write(lambda c: _write_workspace(c, task_id, ws, self._clock()))
+
+    async def workspaces(self, states: Iterable[str]) -> list[Task]:
+        """Tasks whose workspace is in one of ``states``, oldest first."""
+        wanted = sorted(set(states))
+        rows = await self._all(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE ws_state IN ({','.join('?' * len(wanted))})"
+            " ORDER BY id", wanted)
+        return [_task(r) for r in rows]
+
+    async def add_reply(self, task_id: int, prompt: str, *, agent: str | None) -> Task:
+        """A follow-up: a finished task is queued again with it (on ``agent``, to continue its
+        session); a queued or running one keeps it until the current prompt is done."""
+        now = self._clock()
+
+        def reply(c: sqlite3.Connection) -> Task:
+            row = c.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"task {task_id} does not exist")
+            task = _task(row)
+            if task.state.final:
+                c.execute(
+                    "UPDATE tasks SET state = 'queued', current_prompt = ?, attempts = 0,"
+                    " rate_limit_requeues = 0, error = NULL, run_after = 0,"
+                    " agent = COALESCE(?, agent), pinned = CASE WHEN ? IS NULL THEN pinned"
+                    " ELSE 1 END, updated_at = ? WHERE id = ?",
+                    (prompt, agent, agent, now, task_id))
+            else:
+                c.execute("INSERT INTO replies (task_id, prompt, created_at) VALUES (?, ?, ?)",
+                          (task_id, prompt, now))
+            return _task(c.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?",
+                                   (task_id,)).fetchone())
+
+        return await self._db.group.write(reply)
 
     async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task:
         def read(c: sqlite3.Connection) -> Task | None:
@@ -195,6 +282,12 @@ class SqliteStore:
                 task.executions = [_execution(r) for r in c.execute(
                     f"SELECT {_EXEC_COLS} FROM executions WHERE task_id = ? ORDER BY id",
                     (task_id,))]
+                by_id = {e.id: e for e in task.executions}
+                for execution_id, path, added, deleted in c.execute(
+                        "SELECT f.execution_id, f.path, f.insertions, f.deletions"
+                        " FROM execution_files f JOIN executions e ON e.id = f.execution_id"
+                        " WHERE e.task_id = ? ORDER BY f.execution_id, f.path", (task_id,)):
+                    by_id[execution_id].files.append(FileChange(path, added, deleted))
             return task
 
         task = await self._db.read(read)
@@ -324,22 +417,38 @@ class SqliteStore:
         *,
         execution: dict[str, Any],
         task: dict[str, Any],
-    ) -> None:
-        """Record an attempt's outcome and the task's next state in one transaction."""
+        files: Iterable[FileChange] = (),
+    ) -> TaskState:
+        """Record an attempt's outcome, its changed files and the task's next state, in one
+        transaction; returns the state the task is in after it.
+
+        A task that succeeded or failed with a reply waiting is queued again with the reply
+        (its attempts start over); a cancelled one drops its waiting replies.
+        """
         unknown = set(execution) - EXEC_RESULT_FIELDS
         if unknown:
             raise ValueError(f"cannot update execution fields {sorted(unknown)}")
+        now = self._clock()
         values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
-        values.setdefault("finished_at", self._clock())
+        values.setdefault("finished_at", now)
         sets = ", ".join(f"{k} = ?" for k in values)
         task_sql = self._task_update(task_id, task)
+        state = TaskState(task["state"]) if "state" in task else None
+        changed = [(execution_id, f.path, f.insertions, f.deletions) for f in files]
 
-        def write(c: sqlite3.Connection) -> None:
+        def write(c: sqlite3.Connection) -> TaskState:
             c.execute(f"UPDATE executions SET {sets} WHERE id = ?",
                       (*values.values(), execution_id))
+            c.executemany("INSERT OR REPLACE INTO execution_files VALUES (?, ?, ?, ?)", changed)
             c.execute(*task_sql)
+            if state in (TaskState.SUCCEEDED, TaskState.FAILED):
+                return _take_reply(c, task_id, now) or state
+            if state == TaskState.CANCELLED:
+                c.execute("UPDATE replies SET taken_at = ? WHERE task_id = ? AND taken_at IS NULL",
+                          (now, task_id))
+            return state or TaskState.QUEUED
 
-        await self._db.group.write(write)
+        return await self._db.group.write(write)
 
     async def get_execution(self, execution_id: int) -> Execution:
         row = await self._one(f"SELECT {_EXEC_COLS} FROM executions WHERE id = ?", (execution_id,))

@@ -89,7 +89,8 @@ async def find_repository(workdir: Path) -> Repository | None:
             f"{workdir} is inside a bare repository or a .git folder: there is no working tree"
             " to run an agent in")
     top = Path((await git(workdir, "rev-parse", "--show-toplevel")).strip())
-    return Repository(top, workdir.resolve().relative_to(top.resolve()))
+    prefix = (await git(workdir, "rev-parse", "--show-prefix")).strip()  # "" at the top
+    return Repository(top, Path(prefix or "."))
 
 
 class Workspaces:
@@ -110,9 +111,8 @@ class Workspaces:
 
     # -- submit time -------------------------------------------------------------------------
 
-    async def plan(self, task_id: int, prompt: str, repo: Repository,
-                   base_ref: str | None) -> Workspace:
-        """The workspace a task will run in, its base commit fixed now (nothing is made yet)."""
+    async def base_commit(self, repo: Repository, base_ref: str | None) -> str:
+        """The commit a new task starts from: the repository's HEAD now, or ``base_ref``."""
         ref = base_ref or "HEAD"
         result = await run_git(repo.top, "rev-parse", "--verify", "-q", f"{ref}^{{commit}}")
         if not result.ok:
@@ -121,10 +121,14 @@ class Workspaces:
                     f"{repo.top} has no commits yet: commit something first, or submit with"
                     " --no-isolate to run in it directly")
             raise WorkspaceError(f"--base {base_ref!r} is not a commit in {repo.top}")
+        return result.out.strip()
+
+    def plan(self, task_id: int, prompt: str, repo: Repository, base_commit: str) -> Workspace:
+        """The workspace a task will run in (nothing is made until it runs)."""
         return Workspace(
             repo=str(repo.top), path=str(self.root / str(task_id)),
             branch=f"{self.branch_prefix}{task_id}-{slug(prompt)}",
-            base_commit=result.out.strip(), subdir=str(repo.subdir), state="planned")
+            base_commit=base_commit, subdir=str(repo.subdir), state="planned")
 
     # -- before and after an execution -------------------------------------------------------
 
@@ -134,9 +138,13 @@ class Workspaces:
         Returns the workspace as it now is (the branch name changes when it was taken).
         """
         path, repo = Path(ws.path), Path(ws.repo)
-        if await self._is_worktree_of(path, ws.branch):
+        # Still "planned" means no worktree was ever finished: whatever is at the path is what
+        # a daemon killed while making it left behind, and is made again, not trusted.
+        if ws.state != "planned" and await self._is_worktree_of(path, ws.branch):
             return ws.replace(state="active")
         async with self._lock(repo):
+            if ws.state == "planned" and await asyncio.to_thread(os.path.lexists, path):
+                await self._clean_partial(ws)
             try:
                 made = await self._add(ws)
             except GitError as first:
@@ -165,7 +173,10 @@ class Workspaces:
 
     async def _add(self, ws: Workspace) -> Workspace:
         repo, path = Path(ws.repo), Path(ws.path)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:  # a full disk, a file in the way
+            raise WorkspaceError(f"cannot make {path.parent}: {exc.strerror or exc}") from None
         if ws.state in ("active", "removed") and await self._branch_exists(repo, ws.branch):
             # The task ran before: its branch holds its work; the worktree comes back on it.
             await git(repo, "worktree", "prune")
