@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from corral.config import ClaudeSettings, LocalModelSettings, Settings, WorkspaceSettings
+from corral.config import (
+    ClaudeSettings,
+    GeminiSettings,
+    LocalModelSettings,
+    Settings,
+    WorkspaceSettings,
+)
 from corral.daemon import running_daemon
 from corral.executor.landing import Landing
 from corral.executor.pool import Pool
@@ -20,6 +26,7 @@ from tests.conftest import ApiClient, until
 from tests.daemon_proc import DaemonProcess, cli
 from tests.fakes.anthropic import FakeAnthropic, ToolUse
 from tests.fakes.base import Hang, Reply
+from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
 from tests.gitrepo import git, make_repo, snapshot
 
@@ -219,3 +226,29 @@ async def test_cleanup_removes_idle_worktrees_but_keeps_their_branches(
     assert task["workspace"]["branch"] in git(repo, "branch", "--list")
     _, shown = await api.call("GET", f"/tasks/{task['id']}")
     assert shown["workspace"]["state"] == "removed"
+
+
+@pytest.mark.real
+async def test_a_gemini_reply_resumes_its_own_session_in_the_worktree(
+    tmp_path: Path, make_settings: MakeSettings, fake_openai: MakeFake,
+    fake_gemini: FakeGemini, gemini_env: dict[str, str], daemon: Any,
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    fake_gemini.push(Reply(text="noted"), Reply(text="it was PINEAPPLE"))
+    settings = make_settings(gemini=GeminiSettings(binary=str(peers.gemini_bin())),
+                             local_model=LocalModelSettings(endpoint=(await fake_openai()).endpoint,
+                                                            model="m"))
+    _, api = await daemon(settings, gemini_env)
+    task = await api.wait((await api.submit(prompt="remember the word PINEAPPLE",
+                                            agent="gemini", workdir=str(repo)))["id"], 120)
+    assert task["state"] == "succeeded", task["error"]
+    status, _ = await api.call("POST", f"/tasks/{task['id']}/reply",
+                               json={"prompt": "what was the word?"})
+    assert status == 200
+    done = await api.wait(task["id"], 120)
+    first, second = done["executions"]
+    assert done["state"] == "succeeded" and second["summary"] == "it was PINEAPPLE"
+    assert second["resumed_session"] == first["session_id"] == second["session_id"]
+    contents = json.dumps(fake_gemini.requests[-1]["contents"])
+    assert "PINEAPPLE" in contents and "noted" in contents and "what was the word?" in contents
+    assert task["workspace"]["path"] in contents  # it ran in the task's worktree
