@@ -85,10 +85,15 @@ async def main(files: int, rounds: int, base: Path | None) -> None:
         ours, theirs, our_disk, their_disk = [], [], [], []
         for n in range(rounds):
             plain = tmp / "plain" / f"p{n}"  # git names its admin folder after the last part
-            theirs.append(plain_worktree(repo, plain, n))
-            their_disk.append(disk_bytes(plain, repo / ".git" / "worktrees" / plain.name))
-            seconds, path = await corral_workspace(manager, repo, n + 1)
+            # Who goes first alternates: the second finds the repository's files cached.
+            if n % 2:
+                seconds, path = await corral_workspace(manager, repo, n + 1)
+                theirs.append(plain_worktree(repo, plain, n))
+            else:
+                theirs.append(plain_worktree(repo, plain, n))
+                seconds, path = await corral_workspace(manager, repo, n + 1)
             ours.append(seconds)
+            their_disk.append(disk_bytes(plain, repo / ".git" / "worktrees" / plain.name))
             our_disk.append(disk_bytes(path, repo / ".git" / "worktrees" / path.name))
             print(f"  round {n + 1}: corral {seconds * 1000:.0f} ms, git worktree add"
                   f" {theirs[-1] * 1000:.0f} ms")
