@@ -512,3 +512,36 @@ async def test_reply_checks(make_settings: MakeSettings, fake_openai: MakeFake,
     assert status == 400 and "prompt is empty" in error["error"]["message"]
     status, error = await api.call("POST", f"/tasks/{task['id']}/merge", json={})
     assert status == 409 and "runs in place" in error["error"]["message"]
+
+
+async def test_workspace_input_is_checked_at_submit(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any, tmp_path: Path
+) -> None:
+    from tests.gitrepo import git, make_repo
+
+    fake = await fake_openai()
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    repo = make_repo(tmp_path / "repo")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git(empty, "init", "-q")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for body, needle in [
+        ({"workdir": str(repo), "base": "no-such-ref"}, "is not a commit"),
+        ({"workdir": str(empty)}, "has no commits yet"),
+        ({"workdir": str(repo / ".git")}, "bare repository or a .git folder"),
+        ({"workdir": str(plain), "base": "main"}, "not in a git repository"),
+    ]:
+        status, error = await api.call("POST", "/tasks", json={"prompt": "x", **body})
+        assert status == 400, error
+        assert needle in error["error"]["message"]
+    in_place = await api.submit(prompt="x", agent="local", workdir=str(repo), isolate=False)
+    assert in_place["workspace"] is None and in_place["isolate"] is False
+    isolated = await api.submit(prompt="Tidy up the README", agent="local",
+                                workdir=str(repo / "src"))
+    assert isolated["workspace"]["branch"] == f"corral/{isolated['id']}-tidy-up-the-readme"
+    assert isolated["workspace"]["subdir"] == "src"
+    done = await api.wait(isolated["id"])
+    init = read_events(Path(done["executions"][0]["log_dir"]) / "stdout.log")[0]
+    assert init["cwd"] == str(Path(done["workspace"]["path"]) / "src")  # its subfolder
