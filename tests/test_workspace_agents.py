@@ -14,6 +14,7 @@ import pytest
 from corral.config import (
     ClaudeSettings,
     GeminiSettings,
+    LocalAgentSettings,
     LocalModelSettings,
     Settings,
     WorkspaceSettings,
@@ -27,7 +28,7 @@ from tests.daemon_proc import DaemonProcess, cli
 from tests.fakes.anthropic import FakeAnthropic, ToolUse
 from tests.fakes.base import Hang, Reply
 from tests.fakes.gemini import FakeGemini
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI, ToolCalls
 from tests.gitrepo import git, make_repo, snapshot
 
 MakeFake = Callable[[], Awaitable[FakeOpenAI]]
@@ -72,13 +73,15 @@ async def test_two_claude_tasks_and_a_local_one_on_one_repo_each_in_its_own_work
     before = snapshot(repo)
     first = fake_anthropic.converse("TASK-A", write("a.txt", "from A\n"), Reply(text="wrote a"))
     second = fake_anthropic.converse("TASK-B", write("b.txt", "from B\n"), Reply(text="wrote b"))
-    fake = await fake_openai()
-    fake.default = Reply(text="a plain answer")
-    _, api = await daemon(with_claude(make_settings, fake), claude_env)
+    fake = await fake_openai()  # the local agent writes a file of its own
+    fake.push(ToolCalls([("Write", {"file_path": "c.txt", "content": "from the local agent\n"})]),
+              Reply(text="wrote c"))
+    settings = with_claude(make_settings, fake, local_agent=LocalAgentSettings(actions="tools"))
+    _, api = await daemon(settings, claude_env)
     submitted = await asyncio.gather(
         api.submit(prompt="TASK-A: add a.txt", agent="claude", workdir=str(repo)),
         api.submit(prompt="TASK-B: add b.txt", agent="claude", workdir=str(repo)),
-        api.submit(prompt="what is in here?", agent="local", workdir=str(repo)))
+        api.submit(prompt="add c.txt", agent="local", workdir=str(repo)))
     done = [await api.wait(t["id"], 120) for t in submitted]
     assert [d["state"] for d in done] == ["succeeded"] * 3, [d["error"] for d in done]
     paths = [d["workspace"]["path"] for d in done]
@@ -87,7 +90,7 @@ async def test_two_claude_tasks_and_a_local_one_on_one_repo_each_in_its_own_work
     a, b, local = (d["executions"][-1] for d in done)
     assert [f["path"] for f in a["files"]] == ["a.txt"] and a["insertions"] == 1
     assert [f["path"] for f in b["files"]] == ["b.txt"] and a["commit"] and b["commit"]
-    assert local["files_changed"] == 0 and local["commit"] is None
+    assert [f["path"] for f in local["files"]] == ["c.txt"] and local["commit"]
     assert git(repo, "show", f"{done[0]['workspace']['branch']}:a.txt") == "from A\n"
     assert snapshot(repo) == before  # files, HEAD, index, status, branches, stash
     for task in done[:2]:
@@ -95,9 +98,10 @@ async def test_two_claude_tasks_and_a_local_one_on_one_repo_each_in_its_own_work
         assert code == 0, err
         assert "merged" in out
     assert (repo / "a.txt").read_text() == "from A\n" and (repo / "b.txt").read_text() == "from B\n"
+    assert not (repo / "c.txt").exists()  # the local task's branch is not merged
     code, out, err = await cli("workspaces", "--json", socket=api_socket(api))
     assert code == 0, err
-    assert [w["task_id"] for w in json.loads(out)] == [done[2]["id"]]  # the local task's
+    assert [w["task_id"] for w in json.loads(out)] == [done[2]["id"]]
 
 
 @pytest.mark.real

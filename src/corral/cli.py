@@ -244,6 +244,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
             print(f"{a['name']:<7} unavailable   {a['reason']}")
             continue
         line = f"{a['name']:<7} {a['state']:<13} {a['running']}/{a['max_concurrent']} running"
+        if a.get("sandbox"):
+            line += f"; agent mode {a['agent_mode']}, actions {a['actions']},"
+            line += f" sandbox {a['sandbox']}"
         if a.get("cooldown_until"):
             until = time.strftime("%H:%M:%S", time.localtime(a["cooldown_until"]))
             line += f", cooling down until {until} ({a['cooldown_until'] - now:.0f}s)"

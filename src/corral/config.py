@@ -121,6 +121,22 @@ class LocalModelSettings(_Section):
         return value
 
 
+class LocalAgentSettings(_Section):
+    """The local model as a coding agent in a task's working dir."""
+
+    # auto: an agent when the task has a working dir, a text answer without one.
+    mode: Literal["auto", "agent", "text"] = "auto"
+    # tools: the server's native tool calls; schema: one JSON action per turn, grammar-bound;
+    # auto: tools, falling back to schema when the server or the model will not do tools.
+    actions: Literal["auto", "tools", "schema"] = "auto"
+    max_turns: int = Field(default=30, ge=1, le=1000)
+    bash_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_bash_timeout_seconds: float = Field(default=600.0, gt=0)
+    output_limit_chars: int = Field(default=10_000, ge=100)
+    # auto: Bash inside bubblewrap when it works here; required: fail the task when it does not.
+    sandbox: Literal["auto", "none", "required"] = "auto"
+
+
 class ClassifierSettings(_Section):
     enabled: bool = True
     default_agent: str = "local"
@@ -169,6 +185,7 @@ class Settings(BaseSettings):
     claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
     gemini: GeminiSettings = Field(default_factory=GeminiSettings)
     local_model: LocalModelSettings = Field(default_factory=LocalModelSettings)
+    local_agent: LocalAgentSettings = Field(default_factory=LocalAgentSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     workspace: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
 

@@ -24,15 +24,16 @@ from aiohttp import web
 
 from corral.config import Settings
 from corral.errors import ConfigError
+from corral.executor.agent.tools import BashLimits
 from corral.executor.classifier import Classifier
 from corral.executor.claude import ClaudeRunner
 from corral.executor.gemini import GeminiRunner
 from corral.executor.landing import Landing
-from corral.executor.local import LocalRunner
+from corral.executor.local import AgentOptions, LocalRunner
 from corral.executor.pool import Pool
 from corral.executor.proc import kill_group, resolve_binary
 from corral.executor.runner import Runner
-from corral.host import procs
+from corral.host import procs, sandbox
 from corral.llm.client import Client
 from corral.models import ProcessIdentity
 from corral.server.app import build_app
@@ -126,7 +127,33 @@ class Agents:
     client: Client | None
 
 
-def build_runners(settings: Settings, env: Mapping[str, str]) -> Agents:
+async def agent_options(settings: Settings) -> AgentOptions:
+    """[local_agent] as the runner takes it, with the sandbox probed once, here and now."""
+    la = settings.local_agent
+    binary, in_force, missing = None, "none", None
+    if la.sandbox != "none":
+        found = sandbox.find()
+        why = f"{sandbox.BINARY} is not installed" if found is None else await sandbox.probe(found)
+        if why is None:
+            binary, in_force = found, "bwrap"
+        elif la.sandbox == "required":
+            missing = why
+            in_force = f"required but unavailable: {why}"
+        else:
+            in_force = f"none ({why})"
+            log.warning("the local agent's commands run without a sandbox: %s", why)
+    return AgentOptions(
+        mode=la.mode, actions=la.actions, max_turns=la.max_turns,
+        bash=BashLimits(default_timeout_s=la.bash_timeout_seconds,
+                        max_timeout_s=la.max_bash_timeout_seconds,
+                        output_limit_chars=la.output_limit_chars,
+                        kill_grace_s=settings.pool.kill_grace_seconds),
+        sandbox_binary=binary, sandbox=in_force, sandbox_missing=missing)
+
+
+def build_runners(
+    settings: Settings, env: Mapping[str, str], agent_options: AgentOptions | None = None
+) -> Agents:
     runners: dict[str, Runner] = {}
     unavailable: dict[str, str] = {}
     client = None
@@ -140,7 +167,7 @@ def build_runners(settings: Settings, env: Mapping[str, str]) -> Agents:
         )
         runners["local"] = LocalRunner(client, timeout_s=lm.timeout_seconds,
                                        temperature=lm.default_temperature,
-                                       max_tokens=lm.max_tokens)
+                                       max_tokens=lm.max_tokens, agent=agent_options)
     else:
         unavailable["local"] = "[local_model] endpoint is empty"
     grace = settings.pool.kill_grace_seconds
@@ -203,7 +230,7 @@ async def running_daemon(
     prepare_socket(socket_path)
     data_dir = settings.daemon.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    agents = build_runners(settings, env)
+    agents = build_runners(settings, env, await agent_options(settings))
     if not agents.runners:
         log.warning("no agent is available: %s", agents.unavailable)
     async with contextlib.AsyncExitStack() as stack:

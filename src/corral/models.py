@@ -128,6 +128,7 @@ class Execution:
     prompt: str | None = None  # what this execution was asked (the task's prompt or a reply)
     commit: str | None = None  # the commit on the task's branch that records what it changed
     resumed_session: str | None = None  # the agent session it continued, if any
+    actions: str | None = None  # the local model: text, tools or schema
     files: list[FileChange] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

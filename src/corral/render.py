@@ -109,6 +109,7 @@ def task_detail(task: dict[str, Any]) -> str:
             f" {e['duration_ms'] if e.get('duration_ms') is not None else '-'} ms,"
             f" cost {_money(e.get('cost_usd'))},"
             f" tokens {e.get('tokens_in') or 0} in / {e.get('tokens_out') or 0} out"
+            + (f", actions: {e['actions']}" if e.get("actions") else "")
         )
         if e.get("files_changed") is not None:
             commit = f" in {e['commit'][:12]}" if e.get("commit") else ""

@@ -20,6 +20,22 @@ class BareStringError(StreamError):
 
 
 @dataclass
+class ToolCalls:
+    """A turn that calls tools, streamed the way a given server family does it.
+
+    ``fragments``: llama.cpp and vLLM (id and name first, arguments in pieces per index);
+    ``whole``: Ollama (each call whole in one chunk); ``index0``: whole calls all at index 0;
+    ``empty_ids``: fragments with empty ids. ``calls`` are (name, arguments) where the
+    arguments are a dict or, to be malformed, a raw string.
+    """
+
+    calls: list[tuple[str, dict[str, Any] | str]]
+    dialect: str = "fragments"
+    text: str = ""
+    finish_reason: str = "tool_calls"
+
+
+@dataclass
 class EchoAuth:
     """A hostile 401 that echoes the caller's Authorization header in its message."""
 
@@ -82,6 +98,33 @@ class FakeOpenAI(FakeServer):
                       "total_tokens": reply.input_tokens + reply.output_tokens},
         }
 
+    async def _tool_calls(
+        self, response: web.StreamResponse, model: str, turn: ToolCalls
+    ) -> None:
+        if turn.text:
+            await response.write(self._chunk(model, {"content": turn.text}))
+        for index, (name, arguments) in enumerate(turn.calls):
+            raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            call_id = "" if turn.dialect == "empty_ids" else f"call_{uuid.uuid4().hex[:8]}"
+            if turn.dialect in ("fragments", "empty_ids"):
+                first = {"index": index, "id": call_id, "type": "function",
+                         "function": {"name": name, "arguments": ""}}
+                await response.write(self._chunk(model, {"tool_calls": [first]}))
+                third = max(len(raw) // 3, 1)
+                for piece in (raw[:third], raw[third:2 * third], raw[2 * third:]):
+                    if piece:
+                        await response.write(self._chunk(model, {"tool_calls": [
+                            {"index": index, "function": {"arguments": piece}}]}))
+            else:
+                whole = {"index": 0 if turn.dialect == "index0" else index, "id": call_id,
+                         "type": "function", "function": {"name": name, "arguments": raw}}
+                await response.write(self._chunk(model, {"tool_calls": [whole]}))
+        await response.write(self._chunk(model, {}, turn.finish_reason))
+        usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                 "choices": [], "usage": {"prompt_tokens": 50, "completion_tokens": 10}}
+        await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+
     @staticmethod
     def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
         data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
@@ -95,6 +138,9 @@ class FakeOpenAI(FakeServer):
         model = body.get("model") or "fake-model"
         await response.write(b": keep-alive comment\n\n")
         await response.write(self._chunk(model, {"role": "assistant", "content": ""}))
+        if isinstance(behaviour, ToolCalls):
+            await self._tool_calls(response, model, behaviour)
+            return
         if isinstance(behaviour, Drop):
             await response.write(self._chunk(model, {"content": behaviour.text}))
             assert request.transport is not None

@@ -28,8 +28,9 @@ AGENT_DESCRIPTIONS = {
     "running tools in a repository. Costs money.",
     "gemini": "Gemini CLI: good for reading large code bases, research, explanations and "
     "summaries over many files. Costs money.",
-    "local": "A small local model: free and fast, only for short, simple text answers that need "
-    "no tools and no repository.",
+    "local": "A local model: free. Answers in text without a working dir; with one it is a "
+    "coding agent that reads, edits and runs commands in the task's workspace. Best for small, "
+    "well-described changes.",
 }
 _MODEL_HINTS = {"claude": ("claude", "sonnet", "opus", "haiku"), "gemini": ("gemini",)}
 _REASON_CHARS = 300
@@ -132,7 +133,7 @@ class Classifier:
         binary = resolve_binary(self.gemini_binary, self.gemini_env)
         if binary is None:
             raise OSError(f"{self.gemini_binary} not found on PATH")
-        text = "\n".join(m.content for m in self._messages(prompt))
+        text = "\n".join(m.content or "" for m in self._messages(prompt))
         # The question goes on stdin, as the runner sends prompts: no argv length limit, and
         # never visible in `ps`. The CLI puts stdin before -p's (empty) value.
         argv = [binary, "-p", "", "--output-format", "json", "--skip-trust"]

@@ -341,6 +341,7 @@ class Pool:
                 continue
             cooling = slot.cooldown_until > now
             busy = slot.free(now) == 0
+            details = getattr(slot.runner, "details", None)
             out.append({
                 "name": name, "registered": True,
                 "state": "cooling_down" if cooling else ("busy" if busy else "ready"),
@@ -348,6 +349,7 @@ class Pool:
                 "cooldown_until": slot.cooldown_until if cooling else None,
                 "cooldown_remaining_s": round(slot.cooldown_until - now, 1) if cooling else None,
                 "last_error": slot.last_error,
+                **(details() if callable(details) else {}),
             })
         return out
 
@@ -552,7 +554,7 @@ class Pool:
             "tokens_out": result.tokens_out, "files_changed": result.files_changed,
             "insertions": result.insertions, "deletions": result.deletions,
             "model": result.model or execution.model, "commit_sha": changes.commit,
-            "resumed_session": job.resumed_session,
+            "resumed_session": job.resumed_session, "actions": result.actions,
         }
         if result.status == RunStatus.SUCCEEDED:
             slot.cooldowns_in_a_row = 0

@@ -77,6 +77,8 @@ class RunResult:
     model: str | None = None
     # The agent's whole last answer (the summary is a trimmed line of it); not stored.
     final_text: str | None = None
+    # How the local model was asked for actions: text, tools or schema (None: not local).
+    actions: str | None = None
 
     def apply_changes(self, stat: ChangeStat | None) -> None:
         """Record a measured change; git's own measurement wins over anything parsed."""

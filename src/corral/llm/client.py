@@ -19,6 +19,7 @@ import aiohttp
 from yarl import URL
 
 from corral.errors import LLMError, RateLimitError, StreamError
+from corral.llm.toolcalls import ToolCall, ToolCallAssembler
 from corral.retry import (
     RATE_LIMIT_STATUSES,
     RETRYABLE_STATUSES,
@@ -35,8 +36,20 @@ _ERROR_READ_BYTES = 64 * 1024
 
 @dataclass(slots=True)
 class Message:
+    """A chat message; an assistant's may carry ``tool_calls``, a ``tool`` one answers one."""
+
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(slots=True)
@@ -46,6 +59,9 @@ class ChatRequest:
     json_schema: dict[str, Any] | None = None
     temperature: float | None = None
     max_tokens: int | None = None
+    # OpenAI's `tools` (function definitions) and `tool_choice`.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
 
 
 @dataclass(slots=True)
@@ -56,7 +72,7 @@ class ChatResponse:
     finish_reason: str | None = None
     model: str | None = None
     cached_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class Client:
@@ -153,7 +169,7 @@ class Client:
     def _body(self, request: ChatRequest, *, stream: bool, model: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": model or self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [m.to_openai() for m in request.messages],
             "stream": stream,
         }
         if stream:
@@ -169,6 +185,10 @@ class Client:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
+        if request.tools:
+            body["tools"] = request.tools
+            if request.tool_choice:
+                body["tool_choice"] = request.tool_choice
         return body
 
     async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
@@ -239,10 +259,13 @@ class Client:
             data = json.loads(raw)
             choice = data["choices"][0]
             content = choice["message"].get("content") or ""
+            calls = ToolCallAssembler()
+            calls.feed(choice["message"].get("tool_calls"))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise LLMError(f"{self.url} returned an undecodable reply: {_snippet(raw)}") from None
         usage = data.get("usage") or {}
         return ChatResponse(
+            tool_calls=calls.calls,
             content=content,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             output_tokens=int(usage.get("completion_tokens") or 0),
@@ -354,9 +377,10 @@ class _LineSplitter:
 class _StreamState:
     """Parses SSE lines of a chat-completions stream; the hot loop of streaming."""
 
-    __slots__ = ("chunks", "delivered", "done", "finish_reason", "model", "usage")
+    __slots__ = ("calls", "chunks", "delivered", "done", "finish_reason", "model", "usage")
 
     def __init__(self) -> None:
+        self.calls: ToolCallAssembler | None = None  # made at the first tool-call fragment
         self.chunks: list[str] = []
         self.delivered = False
         self.done = False
@@ -396,16 +420,25 @@ class _StreamState:
         if usage:
             self.usage = usage
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            content = delta.get("content")
-            if content:
-                self.chunks.append(content)
-                self.delivered = True
-                on_delta(content)
-            reason = choice.get("finish_reason")
-            if reason:
-                self.finish_reason = reason
+            self._choice(choice, on_delta)
         return False
+
+    def _choice(self, choice: dict[str, Any], on_delta: Callable[[str], object]) -> None:
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if content:
+            self.chunks.append(content)
+            self.delivered = True
+            on_delta(content)
+        fragments = delta.get("tool_calls")
+        if fragments:
+            if self.calls is None:
+                self.calls = ToolCallAssembler()
+            self.calls.feed(fragments)
+            self.delivered = True
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finish_reason = reason
 
     def finish(self, url: str) -> ChatResponse:
         if not self.done and self.finish_reason is None:
@@ -421,6 +454,7 @@ class _StreamState:
             finish_reason=self.finish_reason,
             model=self.model,
             cached_tokens=_cached(usage),
+            tool_calls=[] if self.calls is None else self.calls.calls,
         )
 
 

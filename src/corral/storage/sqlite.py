@@ -40,7 +40,7 @@ _TASK_COLS = (
 _EXEC_COLS = (
     "id, task_id, agent, model, status, started_at, finished_at, exit_code, error, session_id,"
     " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
-    " log_dir, pgid, prompt, commit_sha, resumed_session"
+    " log_dir, pgid, prompt, commit_sha, resumed_session, actions"
 )
 _INSERT_TASK = (
     "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
@@ -55,7 +55,7 @@ _SET_WORKSPACE = (
 EXEC_RESULT_FIELDS = frozenset({
     "status", "finished_at", "exit_code", "error", "session_id", "summary", "cost_usd",
     "tokens_in", "tokens_out", "files_changed", "insertions", "deletions", "pgid", "model",
-    "commit_sha", "resumed_session",
+    "commit_sha", "resumed_session", "actions",
 })
 TASK_UPDATE_FIELDS = frozenset({
     "state", "attempts", "error", "run_after", "agent", "model", "classifier_reason",
@@ -86,7 +86,7 @@ def _execution(row: Sequence[Any]) -> Execution:
         files_changed=row[14], insertions=row[15], deletions=row[16], log_dir=row[17],
         pgid=row[18],
         duration_ms=None if row[6] is None else int((row[6] - row[5]) * 1000),
-        prompt=row[19], commit=row[20], resumed_session=row[21],
+        prompt=row[19], commit=row[20], resumed_session=row[21], actions=row[22],
     )
 
 

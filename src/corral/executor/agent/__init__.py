@@ -1,0 +1,1 @@
+"""The local model as a coding agent: its tools and its loop."""
