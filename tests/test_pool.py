@@ -15,8 +15,8 @@ import pytest
 
 from corral.config import (
     ClaudeSettings,
-    LocalAgentSettings,
     GeminiSettings,
+    LocalAgentSettings,
     LocalModelSettings,
     MaxConcurrent,
     PoolSettings,
