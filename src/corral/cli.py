@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the client commands never load pydantic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+STATES = ("blocked", "queued", "running", *FINAL_STATES)
 
 
 def _print_json(data: Any) -> None:
@@ -112,6 +113,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["isolate"] = False
     if args.base:
         body["base"] = args.base
+    if args.after:
+        body["after"] = [int(n) for group in args.after for n in group.split(",") if n.strip()]
+    if args.max_cost_usd is not None:
+        body["max_cost_usd"] = args.max_cost_usd
     client = _client(args)
     task = client.request("POST", "/tasks", body)
     if args.wait:
@@ -171,6 +176,8 @@ def _task_action(args: argparse.Namespace, action: str) -> int:
         _print_json(task)
     else:
         print(f"task {task['id']} {task['state']}")
+        if task.get("note"):
+            print(f"note: {task['note']}")
     return EXIT_OK
 
 
@@ -295,9 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", action="store_true",
                    help="run in --dir itself, not in a worktree of its own")
     p.add_argument("--base", help="the commit or branch the task's worktree starts from")
+    p.add_argument("--after", action="append", metavar="ID[,ID…]",
+                   help="run only once these tasks have succeeded (repeatable)")
+    p.add_argument("--max-cost-usd", type=_positive_float, help="stop the run past this cost")
     p.add_argument("--wait", action="store_true", help="block until the task is final")
     p = sub.add_parser("ls", parents=[common], help="list tasks")
-    p.add_argument("--state", choices=["queued", "running", *FINAL_STATES])
+    p.add_argument("--state", choices=STATES)
     p.add_argument("--limit", type=int, default=50)
     for name, text in (("show", "a task and its executions"), ("cancel", "cancel a task"),
                        ("retry", "queue a finished task again")):

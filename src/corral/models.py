@@ -12,6 +12,7 @@ from typing import Any
 
 
 class TaskState(enum.StrEnum):
+    BLOCKED = "blocked"  # waiting for the tasks it depends on to succeed
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -57,13 +58,16 @@ class Workspace:
     base_commit: str
     subdir: str = "."
     state: str = "planned"
+    # A dependency's branch to start from instead (its tip when the worktree is made).
+    base_branch: str | None = None
 
     def replace(self, **changes: Any) -> Workspace:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"repo": self.repo, "path": self.path, "branch": self.branch,
-                "base_commit": self.base_commit, "subdir": self.subdir, "state": self.state}
+                "base_commit": self.base_commit, "subdir": self.subdir, "state": self.state,
+                "base_branch": self.base_branch}
 
 
 @dataclass(slots=True)
@@ -88,6 +92,10 @@ class Task:
     workspace: Workspace | None = None
     # What the next execution is asked: the prompt, or the reply that follows it.
     current_prompt: str | None = None
+    max_cost_usd: float | None = None
+    schedule_id: int | None = None
+    depends_on: list[int] = field(default_factory=list)  # what it waits for
+    dependents: list[int] = field(default_factory=list)  # what waits for it
     rate_limit_requeues: int = 0
     run_after: float = 0.0
     created_at: float = 0.0
@@ -117,6 +125,7 @@ class Execution:
     session_id: str | None = None
     summary: str | None = None
     cost_usd: float | None = None
+    cost_estimated: bool = False  # from [prices] and the tokens: the agent reported no cost
     tokens_in: int | None = None
     tokens_out: int | None = None
     files_changed: int | None = None

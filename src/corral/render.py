@@ -100,6 +100,12 @@ def task_detail(task: dict[str, Any]) -> str:
         f"  priority:  {task['priority']}   attempts: {task['attempts']}"
         f" (retries allowed: {task['max_retries']})",
     ]
+    if task.get("depends_on"):
+        lines.append(f"  waits for: {', '.join(map(str, task['depends_on']))}")
+    if task.get("dependents"):
+        lines.append(f"  waited by: {', '.join(map(str, task['dependents']))}")
+    if task.get("max_cost_usd"):
+        lines.append(f"  budget:    {_money(task['max_cost_usd'])}")
     if task.get("error"):
         lines.append(f"  error:     {task['error']}")
     for e in task.get("executions") or []:
@@ -107,7 +113,8 @@ def task_detail(task: dict[str, Any]) -> str:
             f"  execution {e['id']}: {e['status']} on {e['agent']}"
             f" ({e.get('model') or 'default model'})"
             f" {e['duration_ms'] if e.get('duration_ms') is not None else '-'} ms,"
-            f" cost {_money(e.get('cost_usd'))},"
+            f" cost {_money(e.get('cost_usd'))}"
+            f"{' (estimated)' if e.get('cost_estimated') else ''},"
             f" tokens {e.get('tokens_in') or 0} in / {e.get('tokens_out') or 0} out"
             + (f", actions: {e['actions']}" if e.get("actions") else "")
         )

@@ -16,14 +16,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from corral.config import PoolSettings
-from corral.errors import BadRequest, Conflict, ShuttingDown
+from corral.errors import BadRequest, Conflict, NotFound, ShuttingDown
 from corral.executor.changes import git_base, measure_changes
 from corral.executor.classifier import Classifier
 from corral.executor.continuation import continuation
@@ -42,7 +42,7 @@ from corral.models import (
     Workspace,
 )
 from corral.retry import backoff_delay
-from corral.storage.base import Store
+from corral.storage.base import Finished, Store
 from corral.workspace.manager import CommitStat, WorkspaceError, Workspaces, find_repository
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,11 @@ class Pool:
         clock: Callable[[], float] = time.time,
         workspaces: Workspaces | None = None,
         isolate_default: bool = True,
+        on_final: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
+        # Told each task id that reaches a final state (notifications); must not block.
+        self.on_final = on_final
         self.workspaces = workspaces
         self.isolate_default = isolate_default
         self.settings = settings
@@ -207,6 +210,9 @@ class Pool:
         timeout_s: float | None = None,
         isolate: bool | None = None,
         base_ref: str | None = None,
+        after: Sequence[int] = (),
+        max_cost_usd: float | None = None,
+        schedule_id: int | None = None,
     ) -> Task:
         """Store a task. A registered agent pins it; anything else goes to the classifier.
 
@@ -221,7 +227,7 @@ class Pool:
                 code="unknown_agent",
             )
         isolate = self.isolate_default if isolate is None else isolate
-        plan = await self._plan_workspace(prompt, workdir, isolate, base_ref)
+        plan = await self._plan_workspace(prompt, workdir, isolate, base_ref, after)
         pinned = agent in self.agents
         task = await self.store.create_task(
             prompt, requested_agent=agent, requested_model=model,
@@ -230,6 +236,7 @@ class Pool:
             workdir=workdir, priority=priority,
             max_retries=self.settings.default_max_retries if max_retries is None else max_retries,
             timeout_s=timeout_s, isolate=isolate, base_ref=base_ref, workspace=plan,
+            after=after, max_cost_usd=max_cost_usd, schedule_id=schedule_id,
         )
         if pinned:
             self.wake()
@@ -238,8 +245,8 @@ class Pool:
         return task
 
     async def cancel(self, task_id: int) -> Task:
-        if await self.store.cancel_queued(task_id):
-            self._finalised(task_id)
+        if (done := await self.store.cancel_queued(task_id)) is not None:
+            self._settle(task_id, done)
             return await self.store.get_task(task_id, with_executions=True)
         job = self._jobs.get(task_id)
         if job is None:
@@ -252,7 +259,8 @@ class Pool:
         return await self.store.get_task(task_id, with_executions=True)
 
     async def _plan_workspace(
-        self, prompt: str, workdir: str | None, isolate: bool, base_ref: str | None
+        self, prompt: str, workdir: str | None, isolate: bool, base_ref: str | None,
+        after: Sequence[int] = (),
     ) -> Callable[[int], Workspace] | None:
         """How the new task's workspace is named from its id, or None: it runs in place."""
         if workdir is None or not isolate or self.workspaces is None:
@@ -271,7 +279,21 @@ class Pool:
             base = await workspaces.base_commit(repo, base_ref)
         except WorkspaceError as exc:
             raise BadRequest(exc.message, code="bad_workspace") from None
-        return lambda task_id: workspaces.plan(task_id, prompt, repo, base)
+        branch = None if base_ref else await self._dependency_branch(after, str(repo.top))
+        return lambda task_id: workspaces.plan(task_id, prompt, repo, base, base_branch=branch)
+
+    async def _dependency_branch(self, after: Sequence[int], repo: str) -> str | None:
+        """The branch of the last dependency in the same repository: plan, then implement,
+        then review, each building on the one before."""
+        for dep_id in reversed(after):
+            try:
+                dep = await self.store.get_task(dep_id)
+            except NotFound:
+                raise BadRequest(f"--after names task {dep_id}, which does not exist",
+                                 code="unknown_dependency") from None
+            if dep.workspace is not None and dep.workspace.repo == repo:
+                return dep.workspace.branch
+        return None
 
     async def reply(self, task_id: int, prompt: str) -> Task:
         """A follow-up in the same conversation, on the same agent and in the same workspace.
@@ -291,13 +313,15 @@ class Pool:
         self.wake()
         return task
 
-    async def retry(self, task_id: int) -> Task:
-        task = await self.store.requeue(task_id)
+    async def retry(self, task_id: int) -> tuple[Task, list[int]]:
+        """Queue a finished task again; returns it and the dependents its failure cancelled,
+        which stay cancelled."""
+        task, cancelled = await self.store.requeue(task_id)
         task.executions = await self.store.executions_for(task_id)
         if task.agent is None:
             self._classify_later(task)
         self.wake()
-        return task
+        return task, cancelled
 
     async def wait_final(self, task_id: int, timeout_s: float) -> Task:
         """The task once it is final, or as it is when ``timeout_s`` runs out."""
@@ -315,6 +339,17 @@ class Pool:
 
     def _finalised(self, task_id: int) -> None:
         self._watchers.notify(("task", task_id))
+        if self.on_final is not None:
+            self.on_final(task_id)
+
+    def _settle(self, task_id: int, done: Finished) -> None:
+        """Tell whoever waits: the task, and the dependents its end unblocked or cancelled."""
+        if done.state.final:
+            self._finalised(task_id)
+        for dependent, state in done.dependents.items():
+            if state.final:
+                self._finalised(dependent)
+        self.wake()
 
     def watch_task(self, task_id: int) -> contextlib.AbstractContextManager[asyncio.Event]:
         """An event set whenever the task starts an execution or reaches a final state."""
@@ -387,9 +422,8 @@ class Pool:
         names = [task.requested_agent] if task.requested_agent not in (None, AUTO) else []
         names += [a for a in KNOWN_AGENTS if a not in names]
         why = "; ".join(self._why_unavailable(a) for a in names if a is not None)
-        await self.store.update_task(task.id, state=TaskState.FAILED,
-                                     error=f"no agent can run this task: {why}")
-        self._finalised(task.id)
+        self._settle(task.id, await self.store.update_task(
+            task.id, state=TaskState.FAILED, error=f"no agent can run this task: {why}"))
 
     # -- dispatching ----------------------------------------------------------------------------
 
@@ -561,12 +595,8 @@ class Pool:
         else:
             slot.last_error = result.error
         task_fields = self._next_task_state(task, slot, result, self.clock())
-        state = await self.store.finish(execution.id, task.id, execution=exec_fields,
-                                        task=task_fields, files=changes.files)
-        if state.final:
-            self._finalised(task.id)
-        else:
-            self.wake()  # a retry, a rate-limit requeue, or a reply that was waiting
+        self._settle(task.id, await self.store.finish(
+            execution.id, task.id, execution=exec_fields, task=task_fields, files=changes.files))
 
     def _next_task_state(
         self, task: Task, slot: AgentSlot, result: RunResult, now: float
@@ -617,16 +647,14 @@ class Pool:
                            "error": None}
             status = ExecStatus.INTERRUPTED
         stat = changes.stat
-        state = await self.store.finish(
+        self._settle(task.id, await self.store.finish(
             execution.id, task.id, task=task_fields, files=changes.files,
             execution={"status": status, "error": task_fields["error"] or "daemon shutdown",
                        "commit_sha": changes.commit, "resumed_session": job.resumed_session,
                        "files_changed": stat.files_changed if stat else None,
                        "insertions": stat.insertions if stat else None,
                        "deletions": stat.deletions if stat else None},
-        )
-        if state.final:
-            self._finalised(task.id)
+        ))
 
 
 @dataclass(frozen=True, slots=True)

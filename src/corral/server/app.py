@@ -142,7 +142,8 @@ async def create_task(request: web.Request) -> web.Response:
     task = await asyncio.shield(request.app[POOL_KEY].submit(
         spec.prompt, agent=spec.agent, model=spec.model, workdir=spec.workdir,
         priority=spec.priority, max_retries=spec.max_retries, timeout_s=spec.timeout_s,
-        isolate=spec.isolate, base_ref=spec.base,
+        isolate=spec.isolate, base_ref=spec.base, after=spec.after,
+        max_cost_usd=spec.max_cost_usd,
     ))
     return _task_json(task, 201)
 
@@ -208,7 +209,12 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def retry_task(request: web.Request) -> web.Response:
-    return _task_json(await asyncio.shield(request.app[POOL_KEY].retry(_task_id(request))))
+    task, cancelled = await asyncio.shield(request.app[POOL_KEY].retry(_task_id(request)))
+    data = task.to_dict()
+    if cancelled:
+        data["note"] = (f"the tasks waiting for it ({', '.join(map(str, cancelled))}) were"
+                        " cancelled when it ended and stay cancelled; submit them again")
+    return web.json_response(data)
 
 
 async def task_log(request: web.Request) -> web.StreamResponse:

@@ -38,13 +38,17 @@ class TaskCreate(BaseModel):
         " repository (default: [workspace] isolate).")
     base: str | None = Field(default=None, min_length=1, max_length=200,
                              description="The commit or branch the workspace starts from.")
+    after: list[int] = Field(default_factory=list, max_length=100,
+                             description="Tasks that must succeed first (the task is blocked).")
+    max_cost_usd: float | None = Field(default=None, gt=0, le=100_000,
+                                       description="Stop the run once it has cost this much.")
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
         return _prompt_text(value)
 
-    @field_validator("timeout_s", mode="before")
+    @field_validator("timeout_s", "max_cost_usd", mode="before")
     @classmethod
     def _number(cls, value: object) -> object:
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

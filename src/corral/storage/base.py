@@ -27,6 +27,14 @@ class Claimed:
     next_ready_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A task's state after a change, and the dependents that change moved (their states)."""
+
+    state: TaskState
+    dependents: dict[int, TaskState]
+
+
 class Store(Protocol):
     """Tasks and executions; every method is safe to call concurrently."""
 
@@ -51,6 +59,9 @@ class Store(Protocol):
         isolate: bool = True,
         base_ref: str | None = None,
         workspace: Callable[[int], Workspace] | None = None,
+        after: Iterable[int] = (),
+        max_cost_usd: float | None = None,
+        schedule_id: int | None = None,
     ) -> Task: ...
 
     async def set_workspace(self, task_id: int, ws: Workspace) -> None: ...
@@ -77,11 +88,11 @@ class Store(Protocol):
         self, task_id: int, *, agent: str, model: str | None, reason: str
     ) -> None: ...
 
-    async def update_task(self, task_id: int, **fields: Any) -> None: ...
+    async def update_task(self, task_id: int, **fields: Any) -> Finished: ...
 
-    async def cancel_queued(self, task_id: int) -> bool: ...
+    async def cancel_queued(self, task_id: int) -> Finished | None: ...
 
-    async def requeue(self, task_id: int) -> Task: ...
+    async def requeue(self, task_id: int) -> tuple[Task, list[int]]: ...
 
     async def set_execution_process(self, execution_id: int, proc: ProcessIdentity) -> None: ...
 
@@ -93,7 +104,7 @@ class Store(Protocol):
         execution: dict[str, Any],
         task: dict[str, Any],
         files: Iterable[FileChange] = (),
-    ) -> TaskState: ...
+    ) -> Finished: ...
 
     async def get_execution(self, execution_id: int) -> Execution: ...
 

@@ -28,34 +28,36 @@ from corral.models import (
     TaskState,
     Workspace,
 )
-from corral.storage.base import Balancer, Claimed, Clock
+from corral.storage import dependencies
+from corral.storage.base import Balancer, Claimed, Clock, Finished
 from corral.storage.engine import Database, transaction
 
 _TASK_COLS = (
     "id, prompt, requested_agent, requested_model, agent, model, pinned, classifier_reason,"
     " workdir, priority, state, attempts, max_retries, timeout_s, error, rate_limit_requeues,"
     " run_after, created_at, updated_at, isolate, base_ref, ws_repo, ws_path, ws_branch,"
-    " ws_base_commit, ws_subdir, ws_state, current_prompt"
+    " ws_base_commit, ws_subdir, ws_state, current_prompt, ws_base_branch, max_cost_usd,"
+    " schedule_id"
 )
 _EXEC_COLS = (
     "id, task_id, agent, model, status, started_at, finished_at, exit_code, error, session_id,"
     " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
-    " log_dir, pgid, prompt, commit_sha, resumed_session, actions"
+    " log_dir, pgid, prompt, commit_sha, resumed_session, actions, cost_estimated"
 )
 _INSERT_TASK = (
     "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
-    " classifier_reason, workdir, priority, max_retries, timeout_s, isolate, base_ref, state,"
-    f" created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'queued',?,?)"
-    f" RETURNING {_TASK_COLS}"
+    " classifier_reason, workdir, priority, max_retries, timeout_s, isolate, base_ref,"
+    " max_cost_usd, schedule_id, state, error, created_at, updated_at)"
+    f" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING {_TASK_COLS}"
 )
 _SET_WORKSPACE = (
     "UPDATE tasks SET ws_repo = ?, ws_path = ?, ws_branch = ?, ws_base_commit = ?,"
-    " ws_subdir = ?, ws_state = ?, updated_at = ? WHERE id = ?"
+    " ws_subdir = ?, ws_state = ?, ws_base_branch = ?, updated_at = ? WHERE id = ?"
 )
 EXEC_RESULT_FIELDS = frozenset({
     "status", "finished_at", "exit_code", "error", "session_id", "summary", "cost_usd",
     "tokens_in", "tokens_out", "files_changed", "insertions", "deletions", "pgid", "model",
-    "commit_sha", "resumed_session", "actions",
+    "commit_sha", "resumed_session", "actions", "cost_estimated",
 })
 TASK_UPDATE_FIELDS = frozenset({
     "state", "attempts", "error", "run_after", "agent", "model", "classifier_reason",
@@ -73,8 +75,8 @@ def _task(row: Sequence[Any]) -> Task:
         created_at=row[17], updated_at=row[18], isolate=bool(row[19]), base_ref=row[20],
         workspace=None if row[21] is None else Workspace(
             repo=row[21], path=row[22], branch=row[23], base_commit=row[24], subdir=row[25],
-            state=row[26]),
-        current_prompt=row[27],
+            state=row[26], base_branch=row[28]),
+        current_prompt=row[27], max_cost_usd=row[29], schedule_id=row[30],
     )
 
 
@@ -87,6 +89,7 @@ def _execution(row: Sequence[Any]) -> Execution:
         pgid=row[18],
         duration_ms=None if row[6] is None else int((row[6] - row[5]) * 1000),
         prompt=row[19], commit=row[20], resumed_session=row[21], actions=row[22],
+        cost_estimated=bool(row[23]),
     )
 
 
@@ -100,6 +103,23 @@ _INSERT_EXEC = (
     f" VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ?, ? || {_NEXT_EXEC_ID})"
     f" RETURNING {_EXEC_COLS}"
 )
+
+
+# An execution's day of usage counted once, as it is recorded: budgets and stats read these.
+_COUNT_USAGE = (
+    "INSERT INTO usage_daily (day, agent, model, executions, cost_usd, tokens_in, tokens_out)"
+    " SELECT ?, agent, COALESCE(model, ''), 1, COALESCE(cost_usd, 0), COALESCE(tokens_in, 0),"
+    " COALESCE(tokens_out, 0) FROM executions WHERE id = ? ON CONFLICT (day, agent, model)"
+    " DO UPDATE SET executions = executions + 1, cost_usd = cost_usd + excluded.cost_usd,"
+    " tokens_in = tokens_in + excluded.tokens_in, tokens_out = tokens_out + excluded.tokens_out"
+)
+
+
+def _settled(c: sqlite3.Connection, task_id: int, state: TaskState | None,
+             now: float) -> Finished:
+    if state is None or not state.final:
+        return Finished(state or TaskState.QUEUED, {})
+    return Finished(state, dependencies.settle_dependents(c, task_id, state, now))
 
 
 def _take_reply(c: sqlite3.Connection, task_id: int, now: float) -> TaskState | None:
@@ -117,7 +137,7 @@ def _take_reply(c: sqlite3.Connection, task_id: int, now: float) -> TaskState | 
 
 def _write_workspace(c: sqlite3.Connection, task_id: int, ws: Workspace, now: float) -> None:
     c.execute(_SET_WORKSPACE, (ws.repo, ws.path, ws.branch, ws.base_commit, ws.subdir,
-                               ws.state, now, task_id))
+                               ws.state, ws.base_branch, now, task_id))
 
 
 def claim_sql(agent_count: int) -> str:
@@ -220,15 +240,24 @@ class SqliteStore:
         isolate: bool = True,
         base_ref: str | None = None,
         workspace: Callable[[int], Workspace] | None = None,
+        after: Iterable[int] = (),
+        max_cost_usd: float | None = None,
+        schedule_id: int | None = None,
     ) -> Task:
-        """Store a queued task. ``workspace`` names the task's workspace from its new id."""
+        """Store a task: queued, or blocked until every task in ``after`` has succeeded (or
+        cancelled at once when one of them already failed). ``workspace`` names the task's
+        workspace from its new id."""
         now = self._clock()
-        values = (prompt, requested_agent, requested_model, agent, model, int(pinned),
-                  classifier_reason, workdir, priority, max_retries, timeout_s, int(isolate),
-                  base_ref, now, now)
+        waits_for = sorted(set(after))
 
         def insert(c: sqlite3.Connection) -> Task:
+            state, error = dependencies.readiness(c, waits_for)
+            values = (prompt, requested_agent, requested_model, agent, model, int(pinned),
+                      classifier_reason, workdir, priority, max_retries, timeout_s, int(isolate),
+                      base_ref, max_cost_usd, schedule_id, str(state), error, now, now)
             task = _task(c.execute(_INSERT_TASK, values).fetchall()[0])
+            dependencies.record(c, task.id, waits_for)
+            task.depends_on = waits_for
             if workspace is not None:
                 task.workspace = workspace(task.id)
                 _write_workspace(c, task.id, task.workspace, now)
@@ -278,6 +307,7 @@ class SqliteStore:
             if row is None:
                 return None
             task = _task(row)
+            task.depends_on, task.dependents = dependencies.links(c, task_id)
             if with_executions:
                 task.executions = [_execution(r) for r in c.execute(
                     f"SELECT {_EXEC_COLS} FROM executions WHERE task_id = ? ORDER BY id",
@@ -370,8 +400,17 @@ class SqliteStore:
             (agent, model, reason, self._clock(), task_id),
         )
 
-    async def update_task(self, task_id: int, **fields: Any) -> None:
-        await self._write(*self._task_update(task_id, fields))
+    async def update_task(self, task_id: int, **fields: Any) -> Finished:
+        """Change a task's fields; a final state settles its dependents in the same commit."""
+        task_sql = self._task_update(task_id, fields)
+        state = TaskState(fields["state"]) if "state" in fields else None
+        now = self._clock()
+
+        def write(c: sqlite3.Connection) -> Finished:
+            c.execute(*task_sql)
+            return _settled(c, task_id, state, now)
+
+        return await self._db.group.write(write)
 
     def _task_update(self, task_id: int, fields: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
         unknown = set(fields) - TASK_UPDATE_FIELDS
@@ -382,24 +421,47 @@ class SqliteStore:
         return (f"UPDATE tasks SET {sets}, updated_at = ? WHERE id = ?",
                 (*fields.values(), self._clock(), task_id))
 
-    async def cancel_queued(self, task_id: int) -> bool:
-        """Cancel a task that no worker holds. False when it is running or already final."""
-        changed = await self._write(
-            "UPDATE tasks SET state = 'cancelled', error = 'cancelled while queued',"
-            " updated_at = ? WHERE id = ? AND state = 'queued'",
-            (self._clock(), task_id),
-        )
-        return changed == 1
+    async def cancel_queued(self, task_id: int) -> Finished | None:
+        """Cancel a task that no worker holds (queued or blocked), and what waits for it.
 
-    async def requeue(self, task_id: int) -> Task:
-        """Put a finished task back in the queue with a fresh attempt budget."""
-        task = await self.get_task(task_id)
-        if task.state in (TaskState.QUEUED, TaskState.RUNNING):
-            raise Conflict(f"task {task_id} is {task.state}; only a finished task can be retried")
-        await self.update_task(
-            task_id, state=TaskState.QUEUED, attempts=0, error=None, run_after=0.0
-        )
-        return await self.get_task(task_id)
+        None when it is running or already final.
+        """
+        now = self._clock()
+
+        def cancel(c: sqlite3.Connection) -> Finished | None:
+            changed = c.execute(
+                "UPDATE tasks SET state = 'cancelled', error = 'cancelled while ' || state,"
+                " updated_at = ? WHERE id = ? AND state IN ('queued', 'blocked')",
+                (now, task_id)).rowcount
+            return _settled(c, task_id, TaskState.CANCELLED, now) if changed else None
+
+        return await self._db.group.write(cancel)
+
+    async def requeue(self, task_id: int) -> tuple[Task, list[int]]:
+        """Put a finished task back in the queue with a fresh attempt budget.
+
+        Returns it and the dependents its failure cancelled: they stay cancelled.
+        """
+        now = self._clock()
+
+        def requeue(c: sqlite3.Connection) -> tuple[Task, list[int]]:
+            row = c.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"task {task_id} does not exist")
+            task = _task(row)
+            if not task.state.final:
+                raise Conflict(f"task {task_id} is {task.state}; only a finished task can be"
+                               " retried")
+            c.execute("UPDATE tasks SET state = 'queued', attempts = 0, error = NULL,"
+                      " run_after = 0, updated_at = ? WHERE id = ?", (now, task_id))
+            _, waited_by = dependencies.links(c, task_id)
+            cancelled = [i for i in waited_by if c.execute(
+                "SELECT state FROM tasks WHERE id = ?", (i,)).fetchone()[0] == "cancelled"]
+            fresh = _task(c.execute(f"SELECT {_TASK_COLS} FROM tasks WHERE id = ?",
+                                    (task_id,)).fetchone())
+            return fresh, cancelled
+
+        return await self._db.group.write(requeue)
 
     # -- executions ----------------------------------------------------------------------------
 
@@ -418,9 +480,10 @@ class SqliteStore:
         execution: dict[str, Any],
         task: dict[str, Any],
         files: Iterable[FileChange] = (),
-    ) -> TaskState:
-        """Record an attempt's outcome, its changed files and the task's next state, in one
-        transaction; returns the state the task is in after it.
+    ) -> Finished:
+        """Record an attempt's outcome, its changed files, its day's usage and the task's next
+        state, in one transaction; returns the state the task is in after it, and what that
+        did to the tasks waiting for it.
 
         A task that succeeded or failed with a reply waiting is queued again with the reply
         (its attempts start over); a cancelled one drops its waiting replies.
@@ -430,23 +493,26 @@ class SqliteStore:
             raise ValueError(f"cannot update execution fields {sorted(unknown)}")
         now = self._clock()
         values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
-        values.setdefault("finished_at", now)
+        finished_at = float(values.setdefault("finished_at", now))
         sets = ", ".join(f"{k} = ?" for k in values)
         task_sql = self._task_update(task_id, task)
         state = TaskState(task["state"]) if "state" in task else None
         changed = [(execution_id, f.path, f.insertions, f.deletions) for f in files]
+        day = time.strftime("%Y-%m-%d", time.localtime(finished_at))
 
-        def write(c: sqlite3.Connection) -> TaskState:
+        def write(c: sqlite3.Connection) -> Finished:
             c.execute(f"UPDATE executions SET {sets} WHERE id = ?",
                       (*values.values(), execution_id))
             c.executemany("INSERT OR REPLACE INTO execution_files VALUES (?, ?, ?, ?)", changed)
+            c.execute(_COUNT_USAGE, (day, execution_id))
             c.execute(*task_sql)
+            after = state
             if state in (TaskState.SUCCEEDED, TaskState.FAILED):
-                return _take_reply(c, task_id, now) or state
-            if state == TaskState.CANCELLED:
+                after = _take_reply(c, task_id, now) or state
+            elif state == TaskState.CANCELLED:
                 c.execute("UPDATE replies SET taken_at = ? WHERE task_id = ? AND taken_at IS NULL",
                           (now, task_id))
-            return state or TaskState.QUEUED
+            return _settled(c, task_id, after, now)
 
         return await self._db.group.write(write)
 
@@ -490,12 +556,16 @@ class SqliteStore:
                     " WHERE status = 'running'",
                     (now,),
                 ).rowcount
+                spent = [r[0] for r in c.execute(
+                    "SELECT id FROM tasks WHERE state = 'running' AND attempts > max_retries")]
                 c.execute(
                     "UPDATE tasks SET state = 'failed', updated_at = ?,"
                     " error = 'interrupted by a daemon restart and out of attempts'"
                     " WHERE state = 'running' AND attempts > max_retries",
                     (now,),
                 )
+                for task_id in spent:
+                    dependencies.settle_dependents(c, task_id, TaskState.FAILED, now)
                 c.execute(
                     "UPDATE tasks SET state = 'queued', updated_at = ? WHERE state = 'running'",
                     (now,),

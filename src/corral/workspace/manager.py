@@ -123,12 +123,15 @@ class Workspaces:
             raise WorkspaceError(f"--base {base_ref!r} is not a commit in {repo.top}")
         return result.out.strip()
 
-    def plan(self, task_id: int, prompt: str, repo: Repository, base_commit: str) -> Workspace:
-        """The workspace a task will run in (nothing is made until it runs)."""
+    def plan(self, task_id: int, prompt: str, repo: Repository, base_commit: str, *,
+             base_branch: str | None = None) -> Workspace:
+        """The workspace a task will run in (nothing is made until it runs). With
+        ``base_branch`` (a dependency's) it starts from that branch's tip when it is made."""
         return Workspace(
             repo=str(repo.top), path=str(self.root / str(task_id)),
             branch=f"{self.branch_prefix}{task_id}-{slug(prompt)}",
-            base_commit=base_commit, subdir=str(repo.subdir), state="planned")
+            base_commit=base_commit, subdir=str(repo.subdir), state="planned",
+            base_branch=base_branch)
 
     # -- before and after an execution -------------------------------------------------------
 
@@ -145,6 +148,13 @@ class Workspaces:
         async with self._lock(repo):
             if ws.state == "planned" and await asyncio.to_thread(os.path.lexists, path):
                 await self._clean_partial(ws)
+            if ws.state == "planned" and ws.base_branch:
+                # The dependency's work, as it stands now that the dependency has finished (a
+                # branch merged and deleted meanwhile leaves the base fixed at submit).
+                tip = await run_git(repo, "rev-parse", "-q", "--verify",
+                                    f"refs/heads/{ws.base_branch}^{{commit}}")
+                if tip.ok:
+                    ws = ws.replace(base_commit=tip.out.strip())
             try:
                 made = await self._add(ws)
             except GitError as first:
