@@ -97,26 +97,21 @@ def _read_prompt(value: str) -> str:
     return data.decode("utf-8", "replace")
 
 
+def _task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The submit options given, as the API's task fields (shared by submit and schedule)."""
+    chosen = {
+        "agent": args.agent or None, "model": args.model or None,
+        "workdir": str(Path(args.dir).resolve()) if args.dir else None,
+        "timeout_s": args.timeout, "max_retries": args.retries,
+        "isolate": False if args.no_isolate else None, "base": args.base or None,
+        "after": [n for group in args.after or () for n in group] or None,
+        "max_cost_usd": args.max_cost_usd,
+    }
+    return {"priority": args.priority, **{k: v for k, v in chosen.items() if v is not None}}
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"prompt": _read_prompt(args.prompt), "priority": args.priority}
-    if args.agent:
-        body["agent"] = args.agent
-    if args.model:
-        body["model"] = args.model
-    if args.dir:
-        body["workdir"] = str(Path(args.dir).resolve())
-    if args.timeout is not None:
-        body["timeout_s"] = args.timeout
-    if args.retries is not None:
-        body["max_retries"] = args.retries
-    if args.no_isolate:
-        body["isolate"] = False
-    if args.base:
-        body["base"] = args.base
-    if args.after:
-        body["after"] = [int(n) for group in args.after for n in group.split(",") if n.strip()]
-    if args.max_cost_usd is not None:
-        body["max_cost_usd"] = args.max_cost_usd
+    body = {"prompt": _read_prompt(args.prompt), **_task_options(args)}
     client = _client(args)
     task = client.request("POST", "/tasks", body)
     if args.wait:
@@ -274,6 +269,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _task_ids(raw: str) -> list[int]:
+    try:
+        return [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a task id or a list of them") from None
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
@@ -302,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", action="store_true",
                    help="run in --dir itself, not in a worktree of its own")
     p.add_argument("--base", help="the commit or branch the task's worktree starts from")
-    p.add_argument("--after", action="append", metavar="ID[,ID…]",
+    p.add_argument("--after", action="append", type=_task_ids, metavar="ID[,ID…]",
                    help="run only once these tasks have succeeded (repeatable)")
     p.add_argument("--max-cost-usd", type=_positive_float, help="stop the run past this cost")
     p.add_argument("--wait", action="store_true", help="block until the task is final")

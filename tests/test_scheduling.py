@@ -1,0 +1,135 @@
+"""When a task may run: dependencies, spend caps, schedules, and word when it ends."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.config import LocalAgentSettings, LocalModelSettings, PoolSettings, Settings
+from corral.daemon import running_daemon
+from corral.executor.pool import Pool
+from tests.conftest import ApiClient
+from tests.daemon_proc import cli
+from tests.fakes.base import Reply, Status
+from tests.fakes.openai import FakeOpenAI, ToolCalls
+from tests.gitrepo import git, make_repo
+
+MakeFake = Callable[[], Awaitable[FakeOpenAI]]
+MakeSettings = Callable[..., Settings]
+Start = Callable[..., Awaitable[tuple[Pool, ApiClient]]]
+
+
+@pytest.fixture
+async def daemon(
+    api_client: Callable[[Path], ApiClient],
+) -> AsyncIterator[Start]:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(settings: Settings, env: dict[str, str] | None = None,
+                        **kwargs: Any) -> tuple[Pool, ApiClient]:
+            pool = await stack.enter_async_context(running_daemon(settings, env or {},
+                                                                  **kwargs))
+            return pool, api_client(settings.daemon.socket_path)
+
+        yield start
+
+
+def local(fake: FakeOpenAI, **extra: Any) -> LocalModelSettings:
+    return LocalModelSettings(endpoint=fake.endpoint, model="fake-model", **extra)
+
+
+def one_slot() -> PoolSettings:
+    return PoolSettings(max_workers=1, retry_base_seconds=0.05, retry_max_seconds=0.1,
+                        default_max_retries=0)
+
+
+# -- dependencies ------------------------------------------------------------------------------
+
+
+async def test_a_chain_of_five_with_a_failure_in_the_middle(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="one"), Reply(text="two"), Status(400))  # the third fails for good
+    _, api = await daemon(make_settings(pool=one_slot(), local_model=local(fake)))
+    ids: list[int] = []
+    for n in range(5):
+        task = await api.submit(prompt=f"step {n}", agent="local", after=ids[-1:])
+        assert task["state"] == ("queued" if n == 0 else "blocked")
+        ids.append(task["id"])
+    done = [await api.wait(i) for i in ids]
+    assert [d["state"] for d in done] == [
+        "succeeded", "succeeded", "failed", "cancelled", "cancelled"]
+    assert done[3]["error"] == f"dependency {ids[2]} failed"
+    assert done[4]["error"] == f"dependency {ids[3]} cancelled"
+    assert done[3]["executions"] == [] and len(fake.requests) == 3  # never ran
+    assert done[2]["depends_on"] == [ids[1]] and done[2]["dependents"] == [ids[3]]
+    # Retrying the failed task unblocks nothing that was already cancelled, and says so.
+    status, retried = await api.call("POST", f"/tasks/{ids[2]}/retry")
+    assert status == 200 and f"({ids[3]})" in retried["note"]
+    assert (await api.wait(ids[2]))["state"] == "succeeded"
+    _, after = await api.call("GET", f"/tasks/{ids[3]}")
+    assert after["state"] == "cancelled"
+
+
+async def test_readiness_is_decided_at_submit(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="fine"), Status(400))
+    _, api = await daemon(make_settings(pool=one_slot(), local_model=local(fake)))
+    good = await api.wait((await api.submit(prompt="good", agent="local"))["id"])
+    bad = await api.wait((await api.submit(prompt="bad", agent="local"))["id"])
+    assert (good["state"], bad["state"]) == ("succeeded", "failed")
+    ready = await api.submit(prompt="after good", agent="local", after=[good["id"]])
+    assert ready["state"] == "queued"
+    doomed = await api.submit(prompt="after bad", agent="local", after=[good["id"], bad["id"]])
+    assert doomed["state"] == "cancelled" and doomed["error"] == f"dependency {bad['id']} failed"
+    status, error = await api.call("POST", "/tasks", json={
+        "prompt": "x", "agent": "local", "after": [good["id"], 99999]})
+    assert status == 400 and "99999" in error["error"]["message"]
+    code, out, _ = await cli("ls", "--state", "blocked", socket=api.socket_path)
+    assert code == 0 and out.strip() == "no tasks"
+
+
+async def test_cancelling_a_blocked_task_cancels_what_waits_for_it(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text="slow", chunks=20, chunk_delay_s=0.1)
+    _, api = await daemon(make_settings(pool=one_slot(), local_model=local(fake)))
+    first = await api.submit(prompt="long", agent="local")
+    second = await api.submit(prompt="then", agent="local", after=[first["id"]])
+    third = await api.submit(prompt="and then", agent="local", after=[second["id"]])
+    status, cancelled = await api.call("POST", f"/tasks/{second['id']}/cancel")
+    assert status == 200 and cancelled["state"] == "cancelled"
+    assert (await api.wait(third["id"]))["error"] == f"dependency {second['id']} cancelled"
+    assert (await api.wait(first["id"]))["state"] == "succeeded"
+
+
+async def test_a_dependent_in_the_same_repository_builds_on_its_dependencys_branch(
+    tmp_path: Path, make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    fake = await fake_openai()
+    fake.push(ToolCalls([("Write", {"file_path": "plan.md", "content": "the plan\n"})]),
+              Reply(text="planned"),
+              ToolCalls([("Bash", {"command": "cat plan.md"})]),
+              Reply(text="implemented"))
+    _, api = await daemon(make_settings(
+        pool=one_slot(), local_model=local(fake),
+        local_agent=LocalAgentSettings(actions="tools")))
+    plan = await api.submit(prompt="plan it", agent="local", workdir=str(repo))
+    build = await api.submit(prompt="build it", agent="local", workdir=str(repo),
+                             after=[plan["id"]])
+    assert build["workspace"]["base_branch"] == plan["workspace"]["branch"]
+    plan_done, build_done = await api.wait(plan["id"]), await api.wait(build["id"])
+    assert plan_done["state"] == build_done["state"] == "succeeded"
+    assert build_done["workspace"]["base_commit"] == plan_done["executions"][0]["commit"]
+    read = fake.requests[3]["body"]["messages"][-1]
+    assert read["role"] == "tool" and "the plan" in read["content"]  # it saw plan.md
+    assert git(repo, "show", f"{build_done['workspace']['branch']}:plan.md") == "the plan\n"
