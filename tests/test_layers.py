@@ -16,6 +16,8 @@ ORDER = [
     "cli",
     "daemon",
     "server",
+    "schedule",
+    "notify",
     "executor",
     "workspace",
     "llm",

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import socket
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from corral.config import LocalAgentSettings, LocalModelSettings, PoolSettings, Settings
+from corral.config import (
+    LocalAgentSettings,
+    LocalModelSettings,
+    NotifySettings,
+    PoolSettings,
+    Settings,
+)
 from corral.daemon import running_daemon
 from corral.executor.pool import Pool
-from tests.conftest import ApiClient
+from corral.models import TaskState
+from corral.notify import Notifier
+from corral.storage.sqlite import SqliteStore
+from tests.conftest import ApiClient, until
 from tests.daemon_proc import cli
 from tests.fakes.base import Reply, Status
 from tests.fakes.openai import FakeOpenAI, ToolCalls
@@ -133,3 +148,134 @@ async def test_a_dependent_in_the_same_repository_builds_on_its_dependencys_bran
     read = fake.requests[3]["body"]["messages"][-1]
     assert read["role"] == "tool" and "the plan" in read["content"]  # it saw plan.md
     assert git(repo, "show", f"{build_done['workspace']['branch']}:plan.md") == "the plan\n"
+
+
+# -- word when a task ends ---------------------------------------------------------------------
+
+
+class Receiver:
+    """A loopback webhook receiver: answers with ``statuses`` in turn (then 200), or hangs."""
+
+    def __init__(self, statuses: list[int] | None = None, hang: bool = False) -> None:
+        self.statuses = list(statuses or [])
+        self.hang = hang
+        self.bodies: list[dict[str, Any]] = []
+        self.got = asyncio.Event()
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        self.got.set()
+        if self.hang:
+            await self._release.wait()
+        return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hook", self._post)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def test_the_webhook_gets_the_finished_task(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="all done", input_tokens=11, output_tokens=5))
+    async with Receiver() as receiver:
+        _, api = await daemon(make_settings(local_model=local(fake),
+                                            notify=NotifySettings(webhook_url=receiver.url)))
+        task = await api.wait((await api.submit(prompt="tell me", agent="local"))["id"])
+        await asyncio.wait_for(receiver.got.wait(), 10)
+    body = receiver.bodies[0]
+    assert (body["id"], body["state"], body["summary"]) == (task["id"], "succeeded", "all done")
+    assert (body["tokens_in"], body["tokens_out"], body["cost_usd"]) == (11, 5, 0.0)
+    assert body["event"] == "task.finished" and body["workspace"] is None
+
+
+async def test_a_failing_receiver_is_tried_again_with_backoff(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    task = await store.create_task("x", agent="local", pinned=True)
+    await store.update_task(task.id, state=TaskState.FAILED, error="boom")
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    receiver = Receiver([500, 503])
+    async with receiver, Notifier(store, NotifySettings(webhook_url=receiver.url),
+                                  sleep=no_wait) as notifier:
+        notifier.task_finished(task.id)
+
+        async def three_tries() -> bool:
+            return len(receiver.bodies) == 3
+
+        await until(three_tries)
+    assert len(waits) == 2 and waits[0] < waits[1]
+    assert receiver.bodies[-1]["error"] == "boom"
+
+
+async def test_a_hanging_or_absent_receiver_holds_up_nothing(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = await fake_openai()
+    async with Receiver(hang=True) as receiver:
+        _, api = await daemon(make_settings(local_model=local(fake), notify=NotifySettings(
+            webhook_url=receiver.url, webhook_timeout_seconds=60)))
+        started = time.monotonic()
+        tasks = [await api.submit(prompt=f"t{n}", agent="local") for n in range(6)]
+        done = [await api.wait(t["id"]) for t in tasks]
+        assert all(d["state"] == "succeeded" for d in done)
+        assert time.monotonic() - started < 10  # four deliveries hang; every task went on
+        await asyncio.wait_for(receiver.got.wait(), 10)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/hook"
+    store_path = make_settings().daemon.data_dir / "corral.db"
+    async with SqliteStore(store_path) as store:
+        ended = await store.create_task("y", agent="local", pinned=True)
+        await store.update_task(ended.id, state=TaskState.SUCCEEDED)
+        async with Notifier(store, NotifySettings(webhook_url=dead, webhook_attempts=2),
+                            sleep=lambda _s: asyncio.sleep(0)) as notifier:
+            notifier.task_finished(ended.id)
+
+            async def logged() -> bool:
+                return "failed after 2 attempts" in caplog.text
+
+            await until(logged)
+
+
+async def test_the_command_gets_the_one_line_summary_as_one_argument(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start, tmp_path: Path
+) -> None:
+    fake = await fake_openai()
+    fake.push(Reply(text="summary; $(rm -rf /) `and` more"))
+    seen = tmp_path / "argv.json"
+    script = tmp_path / "record"
+    script.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                      f"open({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    script.chmod(0o755)
+    _, api = await daemon(make_settings(local_model=local(fake), notify=NotifySettings(
+        command=[str(script), "corral"])))
+    task = await api.wait((await api.submit(prompt="x", agent="local"))["id"])
+
+    async def recorded() -> bool:
+        return seen.exists() and seen.stat().st_size > 0
+
+    await until(recorded)
+    assert json.loads(seen.read_text()) == [
+        "corral", f"task {task['id']} succeeded: summary; $(rm -rf /) `and` more"]

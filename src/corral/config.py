@@ -170,6 +170,23 @@ class WorkspaceSettings(_Section):
         return value
 
 
+class NotifySettings(_Section):
+    """Word when a task reaches a final state."""
+
+    webhook_url: str = ""  # a POST of the finished task's JSON
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_attempts: int = Field(default=4, ge=1, le=20)
+    command: list[str] = Field(default_factory=list)  # argv; the one-line summary is appended
+    command_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, or be empty for none")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything the daemon reads at startup. Build it directly in tests."""
 
@@ -188,6 +205,7 @@ class Settings(BaseSettings):
     local_agent: LocalAgentSettings = Field(default_factory=LocalAgentSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     workspace: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -36,6 +36,7 @@ from corral.executor.runner import Runner
 from corral.host import procs, sandbox
 from corral.llm.client import Client
 from corral.models import ProcessIdentity
+from corral.notify import Notifier
 from corral.server.app import build_app
 from corral.storage.sqlite import SqliteStore
 from corral.workspace.manager import Workspaces
@@ -256,9 +257,11 @@ async def running_daemon(
             await landing.cleanup()
         except Exception:
             log.exception("cleaning up workspaces at startup failed")
+        notifier = await stack.enter_async_context(Notifier(store, settings.notify))
         pool = Pool(store, agents.runners, classifier, settings.pool, data_dir / "executions",
                     unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds,
-                    workspaces=workspaces, isolate_default=ws.isolate)
+                    workspaces=workspaces, isolate_default=ws.isolate,
+                    on_final=notifier.task_finished)
         app = build_app(pool, store, landing, max_request_bytes=settings.daemon.max_request_bytes)
         # A handler whose client has gone is cancelled: a follower of a log stops at once.
         # Handlers that change state shield that work (server.app).
