@@ -16,10 +16,13 @@ import pytest
 from aiohttp import web
 
 from corral.config import (
+    BudgetSettings,
+    ClaudeSettings,
     LocalAgentSettings,
     LocalModelSettings,
     NotifySettings,
     PoolSettings,
+    Price,
     Settings,
 )
 from corral.daemon import running_daemon
@@ -27,8 +30,10 @@ from corral.executor.pool import Pool
 from corral.models import TaskState
 from corral.notify import Notifier
 from corral.storage.sqlite import SqliteStore
+from tests import peers
 from tests.conftest import ApiClient, until
 from tests.daemon_proc import cli
+from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.base import Reply, Status
 from tests.fakes.openai import FakeOpenAI, ToolCalls
 from tests.gitrepo import git, make_repo
@@ -279,3 +284,103 @@ async def test_the_command_gets_the_one_line_summary_as_one_argument(
     await until(recorded)
     assert json.loads(seen.read_text()) == [
         "corral", f"task {task['id']} succeeded: summary; $(rm -rf /) `and` more"]
+
+
+# -- spend caps --------------------------------------------------------------------------------
+
+
+class Clock:
+    """The daemon's clock, moved on by the test (its event loop keeps real time)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.mark.real
+async def test_a_daily_cap_pauses_claude_while_auto_work_flows_to_local_until_the_day_turns(
+    make_settings: MakeSettings, fake_openai: MakeFake, fake_anthropic: FakeAnthropic,
+    claude_env: dict[str, str], daemon: Start,
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text=json.dumps({"agent_type": "claude", "model": "",
+                                          "reason": "claude, please"}))
+    clock = Clock()
+    settings = make_settings(
+        claude=ClaudeSettings(binary=str(peers.claude_bin())), local_model=local(fake),
+        local_agent=LocalAgentSettings(mode="text"),
+        budget=BudgetSettings(daily_usd={"claude": 0.00001}))
+    pool, api = await daemon(settings, claude_env, clock=clock)
+    spent = await api.wait((await api.submit(prompt="spend", agent="claude"))["id"], 120)
+    assert spent["state"] == "succeeded" and spent["executions"][0]["cost_usd"] > 0.00001
+    _, agents = await api.call("GET", "/agents")
+    claude = next(a for a in agents["agents"] if a["name"] == "claude")
+    assert claude["state"] == "paused" and "its daily cap" in claude["paused_because"]
+    assert claude["spend_today_usd"] == spent["executions"][0]["cost_usd"]
+    pinned = await api.submit(prompt="claude only", agent="claude")
+    auto = await api.wait((await api.submit(prompt="anyone"))["id"], 60)
+    assert auto["state"] == "succeeded" and auto["agent"] == "local"  # flowed around the pause
+    _, waiting = await api.call("GET", f"/tasks/{pinned['id']}")
+    assert waiting["state"] == "queued" and waiting["executions"] == []
+    _, out, _ = await cli("agents", socket=api.socket_path)
+    assert "paused until" in out
+    clock.offset += 86400  # the next day
+    pool.wake()
+    assert (await api.wait(pinned["id"], 120))["state"] == "succeeded"
+
+
+async def test_a_per_task_cap_stops_a_local_agent_run(
+    tmp_path: Path, make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    fake.default = ToolCalls([("Bash", {"command": "true"})])  # it would go on and on
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    # 50 tokens in and 10 out per turn, at $10,000 a million: $0.60 a turn.
+    _, api = await daemon(make_settings(
+        local_model=local(fake), local_agent=LocalAgentSettings(actions="tools"),
+        prices={"fake-model": Price(input=10_000, output=10_000)}))
+    done = await api.wait((await api.submit(prompt="loop", agent="local", workdir=str(ws),
+                                            max_cost_usd=1.0))["id"])
+    execution = done["executions"][0]
+    assert done["state"] == "failed" and "budget of $1 reached" in done["error"]
+    assert execution["cost_estimated"] and execution["cost_usd"] == pytest.approx(1.2)
+    assert len(fake.requests) == 2  # stopped after the second turn, not at max_turns
+    _, out, _ = await cli("show", str(done["id"]), socket=api.socket_path)
+    assert "(estimated)" in out
+
+
+@pytest.mark.real
+async def test_claude_is_given_the_cap_and_stops_itself(
+    make_settings: MakeSettings, fake_openai: MakeFake, fake_anthropic: FakeAnthropic,
+    claude_env: dict[str, str], daemon: Start,
+) -> None:
+    fake = await fake_openai()
+    _, api = await daemon(make_settings(claude=ClaudeSettings(binary=str(peers.claude_bin())),
+                                        local_model=local(fake)), claude_env)
+    done = await api.wait((await api.submit(prompt="x", agent="claude",
+                                            max_cost_usd=0.00001))["id"], 120)
+    assert done["state"] == "failed"
+    assert done["error"] == "budget of $1e-05 reached (claude stopped itself)"
+
+
+async def test_stats_per_day_agent_and_model(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text="x", input_tokens=3, output_tokens=2)
+    _, api = await daemon(make_settings(local_model=local(fake)))
+    for n in range(3):
+        await api.wait((await api.submit(prompt=f"t{n}", agent="local"))["id"])
+    _, by_agent = await api.call("GET", "/stats", params={"by": "agent"})
+    assert by_agent["groups"] == [{"agent": "local", "executions": 3, "cost_usd": 0.0,
+                                   "tokens_in": 9, "tokens_out": 6}]
+    today = time.strftime("%Y-%m-%d")
+    code, out, _ = await cli("stats", "--by", "day", "--since", today, socket=api.socket_path)
+    assert code == 0 and out.startswith(today) and "3 runs" in out
+    _, none = await api.call("GET", "/stats", params={"by": "model", "since": "2999-01-01"})
+    assert none["groups"] == []
+    status, _ = await api.call("GET", "/stats", params={"by": "colour"})
+    assert status == 400

@@ -246,6 +246,12 @@ def cmd_agents(args: argparse.Namespace) -> int:
             print(f"{a['name']:<7} unavailable   {a['reason']}")
             continue
         line = f"{a['name']:<7} {a['state']:<13} {a['running']}/{a['max_concurrent']} running"
+        if a.get("daily_cap_usd") is not None or a.get("monthly_cap_usd") is not None:
+            line += (f"; spent ${a['spend_today_usd']:.2f} today (cap {a['daily_cap_usd']}),"
+                     f" ${a['spend_month_usd']:.2f} this month (cap {a['monthly_cap_usd']})")
+        if a.get("paused_until"):
+            until = time.strftime("%Y-%m-%d %H:%M", time.localtime(a["paused_until"]))
+            line += f"; paused until {until}: {a['paused_because']}"
         if a.get("sandbox"):
             line += f"; agent mode {a['agent_mode']}, actions {a['actions']},"
             line += f" sandbox {a['sandbox']}"
@@ -257,9 +263,14 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    data = _client(args).request("GET", "/stats")
+    data = _client(args).request("GET", "/stats", query={"by": args.by, "since": args.since})
     if args.json:
         _print_json(data)
+        return EXIT_OK
+    if args.by:
+        for g in data["groups"]:
+            print(f"{g[args.by] or '-':<20} {g['executions']:>6} runs  ${g['cost_usd']:>10.4f}"
+                  f"  {g['tokens_in']:>10} in / {g['tokens_out']} out tokens")
         return EXIT_OK
     print("tasks: " + ", ".join(f"{k} {v}" for k, v in data["tasks"].items()))
     for name, a in data["agents"].items():
@@ -337,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     sub.add_parser("workspaces", parents=[common], help="each task's worktree and branch")
     sub.add_parser("agents", parents=[common], help="agents and their state")
-    sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
+    p = sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
+    p.add_argument("--by", choices=["day", "agent", "model"], help="per group")
+    p.add_argument("--since", metavar="YYYY-MM-DD", help="from this day on (with --by)")
     return parser
 
 

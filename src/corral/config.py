@@ -170,6 +170,37 @@ class WorkspaceSettings(_Section):
         return value
 
 
+class Price(_Section):
+    """USD per million tokens, for an agent whose CLI reports no cost."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)  # default: the input price
+
+    def cost_usd(self, tokens_in: int, tokens_out: int, cached: int = 0) -> float:
+        """``tokens_in`` counts the cached ones too, as the OpenAI and codex usage does."""
+        cached = min(cached, tokens_in)
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        return ((tokens_in - cached) * self.input + cached * cached_price
+                + tokens_out * self.output) / 1_000_000
+
+
+class BudgetSettings(_Section):
+    """Spend caps per agent (or ``total``), per day and per month of the local calendar."""
+
+    daily_usd: dict[str, float] = Field(default_factory=dict)
+    monthly_usd: dict[str, float] = Field(default_factory=dict)
+    warn_at: float = Field(default=0.8, gt=0, le=1)  # a log line at this share of a cap
+
+    @field_validator("daily_usd", "monthly_usd")
+    @classmethod
+    def _caps(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, cap in value.items():
+            if cap < 0:
+                raise ValueError(f"{name}: a cap cannot be negative")
+        return value
+
+
 class NotifySettings(_Section):
     """Word when a task reaches a final state."""
 
@@ -206,6 +237,8 @@ class Settings(BaseSettings):
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     workspace: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    prices: dict[str, Price] = Field(default_factory=dict)  # by model name
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from aiohttp import web
 from corral.config import Settings
 from corral.errors import ConfigError
 from corral.executor.agent.tools import BashLimits
+from corral.executor.budget import Budgets
 from corral.executor.classifier import Classifier
 from corral.executor.claude import ClaudeRunner
 from corral.executor.gemini import GeminiRunner
@@ -168,7 +170,8 @@ def build_runners(
         )
         runners["local"] = LocalRunner(client, timeout_s=lm.timeout_seconds,
                                        temperature=lm.default_temperature,
-                                       max_tokens=lm.max_tokens, agent=agent_options)
+                                       max_tokens=lm.max_tokens, agent=agent_options,
+                                       prices=settings.prices)
     else:
         unavailable["local"] = "[local_model] endpoint is empty"
     grace = settings.pool.kill_grace_seconds
@@ -223,7 +226,8 @@ def kill_orphans(recorded: list[ProcessIdentity]) -> int:
 
 @contextlib.asynccontextmanager
 async def running_daemon(
-    settings: Settings, env: Mapping[str, str] | None = None
+    settings: Settings, env: Mapping[str, str] | None = None, *,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Pool]:
     """Everything started and serving; leaving the block shuts it all down in stages."""
     env = dict(os.environ if env is None else env)
@@ -237,7 +241,8 @@ async def running_daemon(
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(os.close, lock_data_dir(data_dir))  # released last, after the store
         store = await stack.enter_async_context(
-            SqliteStore(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous)
+            SqliteStore(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous,
+                        clock=clock)
         )
         # Kill what a dead daemon left running first, so no orphan edits files while its
         # task is requeued; then record the interruption.
@@ -261,7 +266,8 @@ async def running_daemon(
         pool = Pool(store, agents.runners, classifier, settings.pool, data_dir / "executions",
                     unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds,
                     workspaces=workspaces, isolate_default=ws.isolate,
-                    on_final=notifier.task_finished)
+                    on_final=notifier.task_finished, clock=clock,
+                    budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices)
         app = build_app(pool, store, landing, max_request_bytes=settings.daemon.max_request_bytes)
         # A handler whose client has gone is cancelled: a follower of a log stops at once.
         # Handlers that change state shield that work (server.app).

@@ -61,6 +61,8 @@ class ClaudeRunner(CliRunner):
         argv = [binary, "-p", "--output-format", "stream-json", "--verbose"]
         if request.resume_session_id:  # the same conversation; sessions live per working dir
             argv += ["--resume", request.resume_session_id]
+        if request.max_cost_usd is not None:  # the CLI stops itself there
+            argv += ["--max-budget-usd", f"{request.max_cost_usd:g}"]
         if model:
             argv += ["--model", model]
         if self.permission_mode:
@@ -80,11 +82,13 @@ class ClaudeRunner(CliRunner):
     def handler(
         self, writer: EnvelopeWriter, stderr: BinaryIO, request: RunRequest, model: str | None
     ) -> CliHandler:
-        return _ClaudeHandler(writer, stderr, self.max_rate_limit_retries)
+        return _ClaudeHandler(writer, stderr, self.max_rate_limit_retries, request.max_cost_usd)
 
 
 class _ClaudeHandler(CliHandler):
-    def __init__(self, writer: EnvelopeWriter, stderr: BinaryIO, max_retries: int) -> None:
+    def __init__(self, writer: EnvelopeWriter, stderr: BinaryIO, max_retries: int,
+                 max_cost_usd: float | None = None) -> None:
+        self.max_cost_usd = max_cost_usd
         self.writer = writer
         self.stderr = stderr
         self.max_retries = max_retries
@@ -165,6 +169,11 @@ class _ClaudeHandler(CliHandler):
         if s.has_result and not s.is_error and outcome.exit_code in (0, None):
             return base
         base.status = RunStatus.FAILED
+        if s.result_event and s.result_event.get("subtype") == "error_max_budget_usd":
+            cap = f"${self.max_cost_usd:g}" if self.max_cost_usd is not None else "its budget"
+            base.error = f"budget of {cap} reached (claude stopped itself)"
+            base.budget_reached = True
+            return base
         if s.has_result:
             base.error = f"claude reported an error: {trim(s.result_text, 500) or 'no detail'}"
             base.retryable = _api_status(s) is not None and (_api_status(s) or 0) >= 500

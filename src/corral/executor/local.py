@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from corral.config import Price
 from corral.errors import LLMError, RateLimitError
 from corral.executor.agent.loop import AgentLoop, AgentOutcome
 from corral.executor.agent.tools import BashLimits, Toolbox
@@ -47,8 +49,11 @@ class LocalRunner:
         temperature: float | None = None,
         max_tokens: int | None = None,
         agent: AgentOptions | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> None:
         self.client = client
+        # A price for the model makes its runs cost something (reported as an estimate).
+        self.prices = dict(prices or {})
         self.timeout_s = timeout_s
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -61,6 +66,10 @@ class LocalRunner:
         """What `corral agents` shows of this runner beyond its slots."""
         return {"agent_mode": self.agent.mode, "actions": self.agent.actions,
                 "sandbox": self.agent.sandbox}
+
+    def _cost(self, model: str) -> float | None:
+        """Free, unless [prices] names the model: then None, and the pool estimates it."""
+        return None if model in self.prices else 0.0
 
     def _as_agent(self, request: RunRequest) -> bool:
         return self.agent.mode == "agent" or (
@@ -119,11 +128,13 @@ class LocalRunner:
         writer.event({"type": "system", "subtype": "local_agent", "actions": opts.actions,
                       "sandbox": opts.sandbox, "session_id": session_id})
         toolbox = Toolbox(request.workdir, limits=opts.bash, sandbox_binary=opts.sandbox_binary)
+        price = self.prices.get(model)
         loop = AgentLoop(
             lambda chat, on_delta: self.client.chat_stream(chat, on_delta, model=model),
             toolbox, writer, session_id=session_id, model=model, max_turns=opts.max_turns,
             actions=opts.actions,
-            base=ChatRequest([], temperature=self.temperature, max_tokens=self.max_tokens))
+            base=ChatRequest([], temperature=self.temperature, max_tokens=self.max_tokens),
+            cost=None if price is None else price.cost_usd, max_cost_usd=request.max_cost_usd)
         try:
             async with asyncio.timeout(timeout_s):
                 outcome = await loop.run(request.prompt, request.history)
@@ -155,9 +166,11 @@ class LocalRunner:
                       num_turns=outcome.turns, error=outcome.error, actions=outcome.actions)
         return RunResult(
             status=RunStatus.FAILED if failed else RunStatus.SUCCEEDED,
-            summary=trim(outcome.final_text), cost_usd=0.0, tokens_in=outcome.tokens_in,
+            summary=trim(outcome.final_text), cost_usd=self._cost(model),
+            tokens_in=outcome.tokens_in,
             tokens_out=outcome.tokens_out, session_id=session_id, model=model,
-            final_text=outcome.final_text, error=outcome.error, actions=outcome.actions)
+            final_text=outcome.final_text, error=outcome.error, actions=outcome.actions,
+            budget_reached=outcome.budget_reached)
 
     def _succeeded(
         self, writer: EnvelopeWriter, session_id: str, started: float,
@@ -172,7 +185,7 @@ class LocalRunner:
                           duration_ms=_ms(started), usage=usage, total_cost_usd=0.0,
                           stop_reason=response.finish_reason)
         return RunResult(
-            status=RunStatus.SUCCEEDED, summary=trim(response.content), cost_usd=0.0,
+            status=RunStatus.SUCCEEDED, summary=trim(response.content), cost_usd=self._cost(model),
             tokens_in=response.prompt_tokens, tokens_out=response.output_tokens,
             session_id=session_id, model=model or response.model, final_text=response.content,
             actions="text",

@@ -22,8 +22,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from corral.config import PoolSettings
+from corral.config import PoolSettings, Price
 from corral.errors import BadRequest, Conflict, NotFound, ShuttingDown
+from corral.executor.budget import Budgets
 from corral.executor.changes import git_base, measure_changes
 from corral.executor.classifier import Classifier
 from corral.executor.continuation import continuation
@@ -109,8 +110,12 @@ class Pool:
         workspaces: Workspaces | None = None,
         isolate_default: bool = True,
         on_final: Callable[[int], None] | None = None,
+        budgets: Budgets | None = None,
+        prices: Mapping[str, Price] | None = None,
     ) -> None:
         self.store = store
+        self.budgets = budgets
+        self.prices = dict(prices or {})
         # Told each task id that reaches a final state (notifications); must not block.
         self.on_final = on_final
         self.workspaces = workspaces
@@ -148,6 +153,8 @@ class Pool:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.executions_dir.mkdir, parents=True, exist_ok=True)
+        if self.budgets is not None:
+            await self.budgets.refresh()
         self._accepting = True
         await self.store.unpin_unavailable(self.agents)
         for task in await self.store.unclassified():
@@ -375,18 +382,27 @@ class Pool:
                             "reason": self.unavailable.get(name, "not configured")})
                 continue
             cooling = slot.cooldown_until > now
-            busy = slot.free(now) == 0
+            paused = self.budgets.paused(name) if self.budgets else None
+            busy = self._free(slot, now) == 0
             details = getattr(slot.runner, "details", None)
+            state = ("cooling_down" if cooling else "paused" if paused
+                     else "busy" if busy else "ready")
             out.append({
-                "name": name, "registered": True,
-                "state": "cooling_down" if cooling else ("busy" if busy else "ready"),
+                "name": name, "registered": True, "state": state,
                 "running": slot.running, "max_concurrent": slot.limit,
                 "cooldown_until": slot.cooldown_until if cooling else None,
                 "cooldown_remaining_s": round(slot.cooldown_until - now, 1) if cooling else None,
                 "last_error": slot.last_error,
                 **(details() if callable(details) else {}),
+                **(self.budgets.describe(name) if self.budgets else {}),
             })
         return out
+
+    def _free(self, slot: AgentSlot, now: float) -> int:
+        """Free slots of an agent that is neither cooling down nor paused by a spend cap."""
+        if self.budgets is not None and self.budgets.paused(slot.name) is not None:
+            return 0
+        return slot.free(now)
 
     # -- classification -------------------------------------------------------------------------
 
@@ -450,9 +466,11 @@ class Pool:
         Returns when the earliest delayed task becomes ready, as the last claim saw it.
         """
         ready_at = None
+        if self.budgets is not None and self.budgets.stale():
+            await self.budgets.refresh()
         while self._accepting and (room := self.settings.max_workers - len(self._jobs)) > 0:
             now = self.clock()
-            free = {a.name: a.free(now) for a in self.agents.values() if a.free(now) > 0}
+            free = {a.name: n for a in self.agents.values() if (n := self._free(a, now)) > 0}
             claim = await self.store.claim_many(free, balance, self.executions_dir, limit=room)
             ready_at = claim.next_ready_at
             folders = [Path(execution.log_dir or "") for _, execution in claim.tasks]
@@ -482,6 +500,8 @@ class Pool:
         moments = [a.cooldown_until for a in self.agents.values() if a.cooldown_until > now]
         if ready_at is not None:
             moments.append(ready_at)
+        if self.budgets is not None and (ends := self.budgets.next_end()) is not None:
+            moments.append(ends)  # a spend pause ends with its day or month
         if not moments:
             return _MAX_IDLE_WAIT_S
         return min(max(min(moments) - now, 0.01), _MAX_IDLE_WAIT_S)
@@ -532,6 +552,7 @@ class Pool:
             prompt=going_on.prompt, exec_dir=job.folder, model=task.model,
             workdir=where.cwd, timeout_s=task.timeout_s,
             resume_session_id=going_on.resume_session_id, history=going_on.history,
+            max_cost_usd=task.max_cost_usd,
             on_process=self._process_recorder(execution.id),
             on_output=lambda: self._watchers.notify(("execution", execution.id)),
         )
@@ -578,13 +599,16 @@ class Pool:
     ) -> None:
         task, slot = job.task, job.slot
         result.apply_changes(changes.stat)
+        estimated = self._estimate_cost(result, execution)
+        self._hold_to_budget(task, result)
         error = result.error
         if changes.error:
             error = f"{error}; {changes.error}" if error else changes.error
         exec_fields: dict[str, Any] = {
             "status": ExecStatus(result.status), "exit_code": result.exit_code,
             "error": error, "session_id": result.session_id, "summary": result.summary,
-            "cost_usd": result.cost_usd, "tokens_in": result.tokens_in,
+            "cost_usd": result.cost_usd, "cost_estimated": int(estimated),
+            "tokens_in": result.tokens_in,
             "tokens_out": result.tokens_out, "files_changed": result.files_changed,
             "insertions": result.insertions, "deletions": result.deletions,
             "model": result.model or execution.model, "commit_sha": changes.commit,
@@ -595,8 +619,29 @@ class Pool:
         else:
             slot.last_error = result.error
         task_fields = self._next_task_state(task, slot, result, self.clock())
-        self._settle(task.id, await self.store.finish(
-            execution.id, task.id, execution=exec_fields, task=task_fields, files=changes.files))
+        done = await self.store.finish(execution.id, task.id, execution=exec_fields,
+                                       task=task_fields, files=changes.files)
+        if self.budgets is not None:
+            await self.budgets.refresh()  # this execution's spend may pause its agent
+        self._settle(task.id, done)
+
+    def _estimate_cost(self, result: RunResult, execution: Execution) -> bool:
+        """A cost from [prices] and the tokens, where the agent reported none."""
+        price = self.prices.get(result.model or execution.model or "")
+        if result.cost_usd is not None or price is None or result.tokens_in is None:
+            return False
+        result.cost_usd = price.cost_usd(result.tokens_in, result.tokens_out or 0)
+        return True
+
+    def _hold_to_budget(self, task: Task, result: RunResult) -> None:
+        """An execution whose cost passed its task's cap failed, whatever it did."""
+        cap = task.max_cost_usd
+        if (cap is None or result.budget_reached or result.cost_usd is None
+                or result.cost_usd < cap):
+            return
+        if result.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+            result.status, result.retryable = RunStatus.FAILED, False
+            result.error = f"budget of ${cap:g} reached (it cost ${result.cost_usd:.4f})"
 
     def _next_task_state(
         self, task: Task, slot: AgentSlot, result: RunResult, now: float

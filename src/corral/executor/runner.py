@@ -42,6 +42,8 @@ class RunRequest:
     # the earlier turns (asked, answered) for an agent that cannot resume one.
     resume_session_id: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
+    # The task's spend cap: an agent that can stop itself at it does (claude, the local agent).
+    max_cost_usd: float | None = None
     # Told who the agent's process group leader is once it starts, so that after a crash
     # the next daemon can end exactly that group.
     on_process: Callable[[ProcessIdentity], Awaitable[None]] | None = None
@@ -79,6 +81,8 @@ class RunResult:
     final_text: str | None = None
     # How the local model was asked for actions: text, tools or schema (None: not local).
     actions: str | None = None
+    # The agent itself stopped at the task's spend cap (the error says so already).
+    budget_reached: bool = False
 
     def apply_changes(self, stat: ChangeStat | None) -> None:
         """Record a measured change; git's own measurement wins over anything parsed."""

@@ -33,6 +33,7 @@ from corral.server.schemas import (
     LogQuery,
     MergeRequest,
     ReplyCreate,
+    StatsQuery,
     TaskCreate,
     TaskList,
     WaitQuery,
@@ -283,7 +284,12 @@ async def agents(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORE_KEY].stats())
+    query = parse_query(StatsQuery, request.query)
+    store = request.app[STORE_KEY]
+    if query.by is None:
+        return web.json_response(await store.stats())
+    return web.json_response({"by": query.by, "since": query.since,
+                              "groups": await store.usage(query.by, query.since)})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -327,7 +333,9 @@ ROUTES = (
           "An execution's log as stream-json lines, optionally followed live.",
           query=LogQuery, content_type="application/x-ndjson", errors=(400, 404)),
     Route("GET", "/agents", agents, "agents", "Agents, their slots and cool-downs."),
-    Route("GET", "/stats", stats, "stats", "Counts, cost and tokens."),
+    Route("GET", "/stats", stats, "stats",
+          "Counts, cost and tokens; with by=day|agent|model, per group (since a day).",
+          query=StatsQuery, errors=(400,)),
     Route("GET", "/health", health, "health", "Whether the daemon takes work."),
     Route("GET", "/openapi.json", openapi, "openapi", "This description."),
 )

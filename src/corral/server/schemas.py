@@ -117,6 +117,14 @@ class WaitQuery(_Query):
     timeout_s: int = Field(default=30, ge=0, le=MAX_WAIT_S)
 
 
+class StatsQuery(_Query):
+    """``GET /stats``: totals, or (with ``by``) executions, cost and tokens per group."""
+
+    by: Literal["day", "agent", "model"] | None = None
+    since: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                              description="A day, YYYY-MM-DD, of the daemon's calendar.")
+
+
 class DiffQuery(_Query):
     """``GET /tasks/{task_id}/diff``: the task's branch against its base."""
 

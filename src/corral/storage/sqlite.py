@@ -576,6 +576,23 @@ class SqliteStore:
 
     # -- stats ---------------------------------------------------------------------------------
 
+    async def spend_since(self, day: str) -> dict[str, float]:
+        """Recorded spend per agent from ``day`` (``YYYY-MM-DD``, local calendar) on."""
+        rows = await self._all("SELECT agent, SUM(cost_usd) FROM usage_daily WHERE day >= ?"
+                               " GROUP BY agent", (day,))
+        return {agent: float(cost or 0.0) for agent, cost in rows}
+
+    async def usage(self, by: str, since: str | None = None) -> list[dict[str, Any]]:
+        """Executions, cost and tokens per day, agent or model, from ``since`` on."""
+        column = {"day": "day", "agent": "agent", "model": "model"}[by]
+        rows = await self._all(
+            f"SELECT {column}, SUM(executions), SUM(cost_usd), SUM(tokens_in), SUM(tokens_out)"
+            f" FROM usage_daily WHERE day >= ? GROUP BY {column} ORDER BY {column}",
+            (since or "0000-00-00",))
+        return [{by: key, "executions": n, "cost_usd": round(cost or 0.0, 6),
+                 "tokens_in": tin or 0, "tokens_out": tout or 0}
+                for key, n, cost, tin, tout in rows]
+
     async def stats(self) -> dict[str, Any]:
         by_state = {str(s): 0 for s in TaskState}
         for state, count in await self._all("SELECT state, COUNT(*) FROM tasks GROUP BY state"):

@@ -64,6 +64,7 @@ class AgentOutcome:
     error: str | None = None
     actions: str = "tools"
     notes: list[str] = field(default_factory=list)
+    budget_reached: bool = False
 
 
 class _ToolsWay:
@@ -152,7 +153,11 @@ class AgentLoop:
 
     def __init__(self, chat: Chat, toolbox: Toolbox, writer: EnvelopeWriter, *,
                  session_id: str, model: str | None, max_turns: int = 30,
-                 actions: str = "auto", base: ChatRequest | None = None) -> None:
+                 actions: str = "auto", base: ChatRequest | None = None,
+                 cost: Callable[[int, int, int], float] | None = None,
+                 max_cost_usd: float | None = None) -> None:
+        self.cost = cost
+        self.max_cost_usd = max_cost_usd
         self.chat = chat
         self.toolbox = toolbox
         self.w = writer
@@ -180,6 +185,9 @@ class AgentLoop:
                 messages = [self._system(), *turns, Message("user", prompt)]
                 continue
             out.turns += 1
+            if self._over_budget(out):
+                self._log_turn(response, [], response.content)
+                return out
             calls, final = self.way.calls(response)
             if not calls and self._prose_first_turn(out, response, final):
                 messages = [self._system(), *turns, Message("user", prompt)]
@@ -203,6 +211,16 @@ class AgentLoop:
                 return out
         out.error = f"the agent reached max_turns ({self.max_turns}) without finishing"
         return out
+
+    def _over_budget(self, out: AgentOutcome) -> bool:
+        if self.cost is None or self.max_cost_usd is None:
+            return False
+        spent = self.cost(out.tokens_in, out.tokens_out, out.cached_tokens)
+        if spent < self.max_cost_usd:
+            return False
+        out.error = f"budget of ${self.max_cost_usd:g} reached (estimated ${spent:.4f})"
+        out.budget_reached = True
+        return True
 
     async def _ask(self, messages: list[Message], out: AgentOutcome) -> ChatResponse | None:
         request = self.way.request(messages, self.base)
