@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import sys
 import time
@@ -27,8 +28,9 @@ from corral.config import (
 )
 from corral.daemon import running_daemon
 from corral.executor.pool import Pool
-from corral.models import TaskState
+from corral.models import Task, TaskState
 from corral.notify import Notifier
+from corral.schedule import Scheduler
 from corral.storage.sqlite import SqliteStore
 from tests import peers
 from tests.conftest import ApiClient, until
@@ -384,3 +386,78 @@ async def test_stats_per_day_agent_and_model(
     assert none["groups"] == []
     status, _ = await api.call("GET", "/stats", params={"by": "colour"})
     assert status == 400
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+
+async def test_a_schedule_fires_skips_while_its_task_runs_and_catches_up_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="corral.schedule")
+    clock = Clock()
+    submitted: list[Task] = []
+    async with SqliteStore(tmp_path / "s.db", clock=clock) as store:
+
+        async def submit(prompt: str, **options: Any) -> Task:
+            task = await store.create_task(prompt, **options)
+            submitted.append(task)
+            return task
+
+        scheduler = Scheduler(store, submit, clock=clock)
+        async with scheduler:
+            added = await scheduler.add("*/5 * * * *", "tidy up", {"priority": 3})
+            assert added.next_at is not None and added.next_at > clock()
+            clock.offset += added.next_at - clock() + 1  # just past the first firing
+            scheduler.wake()
+
+            async def fired(n: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    return len(submitted) == n
+                return check
+
+            await until(await fired(1))
+            first = submitted[0]
+            assert first.schedule_id == added.id and first.priority == 3
+            await store.update_task(first.id, state=TaskState.RUNNING)  # still running
+            clock.offset += 300
+            scheduler.wake()
+
+            async def skipped() -> bool:
+                return "skipped a firing" in caplog.text
+
+            await until(skipped)
+            assert len(submitted) == 1
+            await store.update_task(first.id, state=TaskState.SUCCEEDED)
+        # The daemon is down for an hour: twelve slots missed.
+        clock.offset += 3600
+        async with Scheduler(store, submit, clock=clock):
+            await until(await fired(2))
+            listed = (await scheduler.list())[0]
+            assert listed.last_task_id == submitted[1].id
+            assert listed.next_at is not None and listed.next_at > clock()
+        assert len(submitted) == 2  # once, not once per missed slot
+
+
+async def test_schedules_through_the_cli(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
+) -> None:
+    fake = await fake_openai()
+    _, api = await daemon(make_settings(local_model=local(fake)))
+    sock = api.socket_path
+    code, out, err = await cli("schedule", "add", "0 9 * * 1-5", "morning report",
+                               "--agent", "local", "--json", socket=sock)
+    assert code == 0, err
+    schedule = json.loads(out)
+    assert schedule["options"] == {"agent": "local", "priority": 0} and schedule["next_at"]
+    code, out, _ = await cli("schedule", "ls", socket=sock)
+    assert code == 0 and "0 9 * * 1-5" in out and "morning report" in out
+    code, _, err = await cli("schedule", "add", "61 * * * *", "never", socket=sock)
+    assert code == 1 and "'61 * * * *' is not a cron expression" in err
+    code, _, err = await cli("schedule", "add", "* * * * *", "x", "--agent", "robot",
+                             socket=sock)
+    assert code == 1 and "unknown agent" in err
+    code, out, _ = await cli("schedule", "rm", str(schedule["id"]), socket=sock)
+    assert code == 0
+    code, _, err = await cli("schedule", "rm", str(schedule["id"]), socket=sock)
+    assert code == 1 and "does not exist" in err

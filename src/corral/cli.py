@@ -104,7 +104,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         "workdir": str(Path(args.dir).resolve()) if args.dir else None,
         "timeout_s": args.timeout, "max_retries": args.retries,
         "isolate": False if args.no_isolate else None, "base": args.base or None,
-        "after": [n for group in args.after or () for n in group] or None,
+        "after": [n for group in getattr(args, "after", None) or () for n in group] or None,
         "max_cost_usd": args.max_cost_usd,
     }
     return {"priority": args.priority, **{k: v for k, v in chosen.items() if v is not None}}
@@ -227,6 +227,35 @@ def cmd_workspaces(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.schedule_command == "add":
+        body = {"cron": args.cron, "prompt": _read_prompt(args.prompt), **_task_options(args)}
+        schedule = client.request("POST", "/schedules", body)
+        if args.json:
+            _print_json(schedule)
+        else:
+            print(f"schedule {schedule['id']}: next firing {_when(schedule['next_at'])}")
+        return EXIT_OK
+    if args.schedule_command == "rm":
+        client.request("DELETE", f"/schedules/{args.id}")
+        print(f"schedule {args.id} removed")
+        return EXIT_OK
+    schedules = client.request("GET", "/schedules")["schedules"]
+    if args.json:
+        _print_json(schedules)
+    elif not schedules:
+        print("no schedules")
+    for s in [] if args.json else schedules:
+        last = f", last task {s['last_task_id']}" if s.get("last_task_id") else ""
+        print(f"{s['id']:>4}  {s['cron']:<16} next {_when(s['next_at'])}{last}  {s['prompt'][:60]}")
+    return EXIT_OK
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     return _task_action(args, "cancel")
 
@@ -299,26 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--socket", help="daemon socket (default: $CORRAL_SOCKET or config)")
     common.add_argument("--config", help="config file (default: $XDG_CONFIG_HOME/corral/...)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    task_options = argparse.ArgumentParser(add_help=False)
+    task_options.add_argument("--agent", help="claude, gemini, local or auto")
+    task_options.add_argument("--model")
+    task_options.add_argument("--dir", help="working directory for the agent")
+    task_options.add_argument("--priority", type=int, default=0)
+    task_options.add_argument("--timeout", type=_positive_float, help="seconds")
+    task_options.add_argument("--retries", type=int)
+    task_options.add_argument("--no-isolate", action="store_true",
+                              help="run in --dir itself, not in a worktree of its own")
+    task_options.add_argument("--base", help="the commit or branch the worktree starts from")
+    task_options.add_argument("--max-cost-usd", type=_positive_float,
+                              help="stop the run past this cost")
     parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
     sub.add_parser("config", parents=[common], help="print the effective config (redacted)")
-    p = sub.add_parser("submit", parents=[common], help="queue a task")
+    p = sub.add_parser("submit", parents=[common, task_options], help="queue a task")
     p.add_argument("prompt", help="the prompt, or - to read it from stdin")
-    p.add_argument("--agent", help="claude, gemini, local or auto")
-    p.add_argument("--model")
-    p.add_argument("--dir", help="working directory for the agent")
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--timeout", type=_positive_float, help="seconds")
-    p.add_argument("--retries", type=int)
-    p.add_argument("--no-isolate", action="store_true",
-                   help="run in --dir itself, not in a worktree of its own")
-    p.add_argument("--base", help="the commit or branch the task's worktree starts from")
     p.add_argument("--after", action="append", type=_task_ids, metavar="ID[,ID…]",
                    help="run only once these tasks have succeeded (repeatable)")
-    p.add_argument("--max-cost-usd", type=_positive_float, help="stop the run past this cost")
     p.add_argument("--wait", action="store_true", help="block until the task is final")
+    p = sub.add_parser("schedule", parents=[common], help="cron schedules that submit tasks")
+    schedules = p.add_subparsers(dest="schedule_command", required=True)
+    p = schedules.add_parser("add", parents=[common, task_options],
+                             help="a schedule: CRON and the prompt each firing submits")
+    p.add_argument("cron", help='five fields, e.g. "0 9 * * 1-5"')
+    p.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    schedules.add_parser("ls", parents=[common], help="the schedules")
+    p = schedules.add_parser("rm", parents=[common], help="remove a schedule")
+    p.add_argument("id", type=int)
     p = sub.add_parser("ls", parents=[common], help="list tasks")
     p.add_argument("--state", choices=STATES)
     p.add_argument("--limit", type=int, default=50)
@@ -358,7 +398,7 @@ COMMANDS = {
     "serve": cmd_serve, "config": cmd_config, "submit": cmd_submit, "ls": cmd_ls,
     "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel, "retry": cmd_retry,
     "reply": cmd_reply, "diff": cmd_diff, "merge": cmd_merge, "discard": cmd_discard,
-    "workspaces": cmd_workspaces,
+    "workspaces": cmd_workspaces, "schedule": cmd_schedule,
     "agents": cmd_agents, "stats": cmd_stats,
 }
 

@@ -39,6 +39,7 @@ from corral.host import procs, sandbox
 from corral.llm.client import Client
 from corral.models import ProcessIdentity
 from corral.notify import Notifier
+from corral.schedule import Scheduler
 from corral.server.app import build_app
 from corral.storage.sqlite import SqliteStore
 from corral.workspace.manager import Workspaces
@@ -268,7 +269,9 @@ async def running_daemon(
                     workspaces=workspaces, isolate_default=ws.isolate,
                     on_final=notifier.task_finished, clock=clock,
                     budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices)
-        app = build_app(pool, store, landing, max_request_bytes=settings.daemon.max_request_bytes)
+        scheduler = Scheduler(store, pool.submit, clock=clock)
+        app = build_app(pool, store, landing, scheduler,
+                        max_request_bytes=settings.daemon.max_request_bytes)
         # A handler whose client has gone is cancelled: a follower of a log stops at once.
         # Handlers that change state shield that work (server.app).
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -280,6 +283,7 @@ async def running_daemon(
         # it is entered after the server's cleanup, so on the way out it stops first and
         # clients get a 503 meanwhile, not a refused connection.
         await stack.enter_async_context(pool)
+        await stack.enter_async_context(scheduler)  # stops before the pool on the way out
         # A deep backlog: a burst of clients (scripts, other agents) must queue, not fail.
         site = web.UnixSite(runner, str(socket_path), backlog=4096)
         await site.start()

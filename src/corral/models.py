@@ -147,6 +147,25 @@ class Execution:
         return data
 
 
+@dataclass(slots=True)
+class Schedule:
+    """A cron expression that submits ``prompt`` with ``options`` at each firing."""
+
+    id: int
+    cron: str
+    prompt: str
+    options: dict[str, Any]
+    created_at: float
+    last_fired_at: float | None = None
+    last_task_id: int | None = None
+    next_at: float | None = None  # worked out when shown
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (
+            "id", "cron", "prompt", "options", "created_at", "last_fired_at", "last_task_id",
+            "next_at")}
+
+
 @dataclass(frozen=True, slots=True)
 class FileChange:
     """One file an execution changed (from ``git diff --numstat`` of its commit)."""

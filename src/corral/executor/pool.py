@@ -228,11 +228,8 @@ class Pool:
         """
         if not self._accepting:
             raise ShuttingDown("the daemon is shutting down and takes no new tasks")
-        if agent is not None and agent != AUTO and agent not in KNOWN_AGENTS:
-            raise BadRequest(
-                f"unknown agent {agent!r}; known agents: {', '.join((*KNOWN_AGENTS, AUTO))}",
-                code="unknown_agent",
-            )
+        if agent is not None:
+            self.check_agent(agent)
         isolate = self.isolate_default if isolate is None else isolate
         plan = await self._plan_workspace(prompt, workdir, isolate, base_ref, after)
         pinned = agent in self.agents
@@ -264,6 +261,14 @@ class Pool:
             job.worker.cancel()
         await job.done.wait()
         return await self.store.get_task(task_id, with_executions=True)
+
+    def check_agent(self, agent: str) -> None:
+        """A 400 for a name that is no agent corral knows."""
+        if agent != AUTO and agent not in KNOWN_AGENTS:
+            raise BadRequest(
+                f"unknown agent {agent!r}; known agents: {', '.join((*KNOWN_AGENTS, AUTO))}",
+                code="unknown_agent",
+            )
 
     async def _plan_workspace(
         self, prompt: str, workdir: str | None, isolate: bool, base_ref: str | None,

@@ -26,6 +26,7 @@ from corral.executor.pool import Pool
 from corral.executor.runner import STDERR_LOG, STDOUT_LOG
 from corral.host.peercred import peer_uid as socket_peer_uid
 from corral.models import Execution, Task
+from corral.schedule import Scheduler
 from corral.server.openapi import Route, openapi_spec
 from corral.server.schemas import (
     DiffQuery,
@@ -33,6 +34,7 @@ from corral.server.schemas import (
     LogQuery,
     MergeRequest,
     ReplyCreate,
+    ScheduleCreate,
     StatsQuery,
     TaskCreate,
     TaskList,
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 POOL_KEY = web.AppKey("pool", Pool)
 STORE_KEY = web.AppKey("store", Store)
 LANDING_KEY = web.AppKey("landing", Landing)
+SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 SPEC_KEY = web.AppKey("openapi", dict)
 _READ_CHUNK_BYTES = 256 * 1024
 
@@ -181,6 +184,27 @@ async def merge_task(request: web.Request) -> web.Response:
 async def discard_task(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.shield(
         request.app[LANDING_KEY].discard(_task_id(request))))
+
+
+async def add_schedule(request: web.Request) -> web.Response:
+    spec: ScheduleCreate = await _body(request, ScheduleCreate)
+    if spec.agent is not None:
+        request.app[POOL_KEY].check_agent(spec.agent)
+    schedule = await request.app[SCHEDULER_KEY].add(spec.cron, spec.prompt, spec.task_options())
+    return web.json_response(schedule.to_dict(), status=201)
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    schedules = await request.app[SCHEDULER_KEY].list()
+    return web.json_response({"schedules": [s.to_dict() for s in schedules]})
+
+
+async def remove_schedule(request: web.Request) -> web.Response:
+    raw = request.match_info["schedule_id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise NotFound(f"schedule {raw!r} does not exist")
+    await request.app[SCHEDULER_KEY].remove(int(raw))
+    return web.json_response({"removed": int(raw)})
 
 
 async def workspaces(request: web.Request) -> web.Response:
@@ -327,6 +351,13 @@ ROUTES = (
           body=MergeRequest, errors=(400, 404, 409)),
     Route("POST", "/tasks/{task_id}/discard", discard_task, "discardTask",
           "Remove the task's worktree and branch.", errors=(404, 409)),
+    Route("POST", "/schedules", add_schedule, "addSchedule",
+          "A cron schedule that submits a task at each firing.", body=ScheduleCreate,
+          ok_status=201, errors=(400,)),
+    Route("GET", "/schedules", list_schedules, "listSchedules",
+          "Schedules, with their last and next firing."),
+    Route("DELETE", "/schedules/{schedule_id}", remove_schedule, "removeSchedule",
+          "Remove a schedule (its tasks stay).", errors=(404,)),
     Route("GET", "/workspaces", workspaces, "workspaces",
           "Each workspace: task, branch, state, ahead/behind, disk use."),
     Route("GET", "/tasks/{task_id}/log", task_log, "taskLog",
@@ -342,12 +373,13 @@ ROUTES = (
 
 
 def build_app(
-    pool: Pool, store: Store, landing: Landing, *, max_request_bytes: int
+    pool: Pool, store: Store, landing: Landing, scheduler: Scheduler, *, max_request_bytes: int
 ) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[api_middleware])
     app[POOL_KEY] = pool
     app[STORE_KEY] = store
     app[LANDING_KEY] = landing
+    app[SCHEDULER_KEY] = scheduler
     app[SPEC_KEY] = openapi_spec(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -69,7 +69,7 @@ class _Components:
 def _path_parameters(path: str) -> list[dict[str, Any]]:
     return [{"name": name, "in": "path", "required": True,
              "schema": {"type": "integer", "minimum": 1}}
-            for name in ("task_id",) if "{" + name + "}" in path]
+            for name in ("task_id", "schedule_id") if "{" + name + "}" in path]
 
 
 def _query_parameters(model: type[BaseModel] | None) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -66,6 +66,27 @@ class TaskCreate(BaseModel):
         if not path.is_dir():
             raise ValueError(f"workdir {value} is not a directory")
         return str(path)
+
+
+class ScheduleCreate(TaskCreate):
+    """A schedule: the body of ``POST /schedules`` — a cron expression and a task to submit."""
+
+    cron: str = Field(min_length=1, max_length=200,
+                      description="Five fields: minute hour day-of-month month day-of-week.")
+
+    @field_validator("after")
+    @classmethod
+    def _no_after(cls, value: list[int]) -> list[int]:
+        if value:
+            raise ValueError("a schedule's tasks cannot wait for other tasks")
+        return value
+
+    def task_options(self) -> dict[str, Any]:
+        """What each firing passes to submit (the pool's names)."""
+        fields = self.model_dump(exclude={"cron", "prompt", "after"}, exclude_none=True)
+        if "base" in fields:
+            fields["base_ref"] = fields.pop("base")
+        return fields
 
 
 def _prompt_text(value: str) -> str:

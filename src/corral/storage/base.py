@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from corral.models import Execution, FileChange, ProcessIdentity, Task, TaskState, Workspace
+from corral.models import (
+    Execution,
+    FileChange,
+    ProcessIdentity,
+    Schedule,
+    Task,
+    TaskState,
+    Workspace,
+)
 
 Clock = Callable[[], float]
 # (the classifier's choice, free slots per agent) -> the agent a task runs on
@@ -119,5 +127,14 @@ class Store(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
     async def spend_since(self, day: str) -> dict[str, float]: ...
+
+    async def add_schedule(self, cron: str, prompt: str, options: dict[str, Any],
+                           now: float) -> Schedule: ...
+
+    async def schedules(self) -> list[Schedule]: ...
+
+    async def remove_schedule(self, schedule_id: int) -> None: ...
+
+    async def schedule_fired(self, schedule_id: int, at: float, task_id: int | None) -> None: ...
 
     async def usage(self, by: str, since: str | None = None) -> list[dict[str, Any]]: ...

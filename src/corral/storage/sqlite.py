@@ -10,6 +10,7 @@ through their own connections and never wait for a write.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -24,6 +25,7 @@ from corral.models import (
     Execution,
     FileChange,
     ProcessIdentity,
+    Schedule,
     Task,
     TaskState,
     Workspace,
@@ -120,6 +122,14 @@ def _settled(c: sqlite3.Connection, task_id: int, state: TaskState | None,
     if state is None or not state.final:
         return Finished(state or TaskState.QUEUED, {})
     return Finished(state, dependencies.settle_dependents(c, task_id, state, now))
+
+
+_SCHEDULE_COLS = "id, cron, prompt, options, created_at, last_fired_at, last_task_id"
+
+
+def _schedule(row: Sequence[Any]) -> Schedule:
+    return Schedule(id=row[0], cron=row[1], prompt=row[2], options=json.loads(row[3]),
+                    created_at=row[4], last_fired_at=row[5], last_task_id=row[6])
 
 
 def _take_reply(c: sqlite3.Connection, task_id: int, now: float) -> TaskState | None:
@@ -573,6 +583,29 @@ class SqliteStore:
             return int(count)
 
         return await self._db.write_now(recover)
+
+    # -- schedules -----------------------------------------------------------------------------
+
+    async def add_schedule(self, cron: str, prompt: str, options: dict[str, Any],
+                           now: float) -> Schedule:
+        row = await self._db.group.write(lambda c: c.execute(
+            "INSERT INTO schedules (cron, prompt, options, created_at) VALUES (?, ?, ?, ?)"
+            f" RETURNING {_SCHEDULE_COLS}", (cron, prompt, json.dumps(options), now)).fetchone())
+        return _schedule(row)
+
+    async def schedules(self) -> list[Schedule]:
+        return [_schedule(r) for r in
+                await self._all(f"SELECT {_SCHEDULE_COLS} FROM schedules ORDER BY id")]
+
+    async def remove_schedule(self, schedule_id: int) -> None:
+        if not await self._write("DELETE FROM schedules WHERE id = ?", (schedule_id,)):
+            raise NotFound(f"schedule {schedule_id} does not exist")
+
+    async def schedule_fired(self, schedule_id: int, at: float, task_id: int | None) -> None:
+        """A firing happened at ``at``: it submitted ``task_id`` (None: it was skipped)."""
+        await self._write("UPDATE schedules SET last_fired_at = ?,"
+                          " last_task_id = COALESCE(?, last_task_id) WHERE id = ?",
+                          (at, task_id, schedule_id))
 
     # -- stats ---------------------------------------------------------------------------------
 
