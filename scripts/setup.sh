@@ -64,8 +64,9 @@ if [ "$with_tests" = 1 ]; then
     apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
   fi
   if [ ! -x .peers/node_modules/.bin/claude ] || [ ! -x .peers/node_modules/.bin/gemini ] \
+     || [ ! -x .peers/node_modules/.bin/codex ] \
      || [ .peers/package-lock.json -nt .peers/node_modules/.package-lock.json ]; then
-    say "installing the claude and gemini CLIs into .peers/ (npm ci)"
+    say "installing the claude, gemini and codex CLIs into .peers/ (npm ci)"
     (cd .peers && npm ci --no-audit --no-fund --loglevel=error >&2)
   fi
 fi

@@ -23,6 +23,7 @@ import pytest
 from corral.config import (
     ClassifierSettings,
     ClaudeSettings,
+    CodexSettings,
     DaemonSettings,
     GeminiSettings,
     LocalModelSettings,
@@ -34,6 +35,7 @@ from tests import peers
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
+from tests.fakes.responses import FakeResponses
 
 
 def free_port() -> int:
@@ -131,6 +133,36 @@ def gemini_env(tmp_path: Path, fake_gemini: FakeGemini) -> dict[str, str]:
 
 
 @pytest.fixture
+async def fake_responses() -> AsyncIterator[FakeResponses]:
+    server = await FakeResponses().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def codex_home() -> Iterator[Path]:
+    """A CODEX_HOME of the test's own, outside /tmp (codex's sandbox fails for one under it)."""
+    base = Path("/var/tmp")
+    home = Path(tempfile.mkdtemp(prefix="corral-codex-", dir=base if base.is_dir() else None))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def codex_settings(fake_responses: FakeResponses, codex_home: Path) -> CodexSettings:
+    """The real codex CLI pointed at the fake Responses API through a provider of its own."""
+    provider = (f'model_providers.fake={{name="fake", base_url="{fake_responses.base_url}",'
+                ' env_key="FAKE_CODEX_KEY", wire_api="responses", request_max_retries=0,'
+                ' stream_max_retries=0, supports_websockets=false}')
+    return CodexSettings(
+        binary=str(peers.codex_bin()), model="gpt-5.5",
+        extra_args=["-c", "model_provider=fake", "-c", provider, "-c", "features.plugins=false",
+                    "-c", "analytics.enabled=false"],
+        env={"CODEX_HOME": str(codex_home), "HOME": str(codex_home),
+             "FAKE_CODEX_KEY": "sk-test-codex-key"})
+
+
+@pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     async with SqliteStore(tmp_path / "corral.db") as s:
         yield s
@@ -165,6 +197,7 @@ def make_settings(
                                  cooldown_default_seconds=1.0, kill_grace_seconds=1.0),
             "claude": ClaudeSettings(enabled=False),
             "gemini": GeminiSettings(enabled=False),
+            "codex": CodexSettings(enabled=False),
             "local_model": LocalModelSettings(),
             "classifier": ClassifierSettings(),
         }

@@ -37,6 +37,10 @@ def gemini_bin() -> Path:
     return require(NPM_BIN / "gemini", "the gemini CLI (@google/gemini-cli, npm)")
 
 
+def codex_bin() -> Path:
+    return require(NPM_BIN / "codex", "the codex CLI (@openai/codex, npm)")
+
+
 def llama_server_bin() -> Path:
     """The ``llama-server`` binary itself: the package's ``llama-cpp-server`` wrapper drops
     every flag but a few (``--parallel`` and ``--threads`` among them)."""

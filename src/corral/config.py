@@ -58,6 +58,7 @@ class DaemonSettings(_Section):
 class MaxConcurrent(_Section):
     claude: int = Field(default=2, ge=0)
     gemini: int = Field(default=2, ge=0)
+    codex: int = Field(default=2, ge=0)
     local: int = Field(default=4, ge=0)
 
     def for_agent(self, agent: str) -> int:
@@ -100,6 +101,24 @@ class GeminiSettings(_CliAgentSettings):
     # While the CLI retries a per-minute 429 by itself, corral stops it after this many
     # failed attempts it logged, and cools the agent down instead of holding a worker.
     max_rate_limit_retries: int = Field(default=2, ge=0)
+
+
+class CodexSettings(_CliAgentSettings):
+    binary: str = "codex"
+    sandbox: Literal["read-only", "workspace-write", "danger-full-access"] = "workspace-write"
+    # Top-level `error` events (codex reconnecting) waited out before corral stops the run.
+    max_rate_limit_retries: int = Field(default=5, ge=0)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _only_config(cls, value: list[str]) -> list[str]:
+        pairs = iter(value)
+        for flag in pairs:
+            setting = next(pairs, None)
+            if flag not in ("-c", "--config") or setting is None or "=" not in setting:
+                raise ValueError("only -c key=value pairs: codex refuses a flag given twice,"
+                                 " and corral sets every other flag")
+        return value
 
 
 class LocalModelSettings(_Section):
@@ -232,6 +251,7 @@ class Settings(BaseSettings):
     pool: PoolSettings = Field(default_factory=PoolSettings)
     claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
     gemini: GeminiSettings = Field(default_factory=GeminiSettings)
+    codex: CodexSettings = Field(default_factory=CodexSettings)
     local_model: LocalModelSettings = Field(default_factory=LocalModelSettings)
     local_agent: LocalAgentSettings = Field(default_factory=LocalAgentSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
@@ -257,7 +277,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json", by_alias=True)
         if self.local_model.api_key is not None:
             data["local_model"]["api_key"] = "***"
-        for section in ("claude", "gemini"):
+        for section in ("claude", "gemini", "codex"):
             env = data[section]["env"]
             for key in env:
                 if looks_secret(key):

@@ -29,6 +29,7 @@ from corral.executor.agent.tools import BashLimits
 from corral.executor.budget import Budgets
 from corral.executor.classifier import Classifier
 from corral.executor.claude import ClaudeRunner
+from corral.executor.codex import CodexRunner
 from corral.executor.gemini import GeminiRunner
 from corral.executor.landing import Landing
 from corral.executor.local import AgentOptions, LocalRunner
@@ -176,7 +177,7 @@ def build_runners(
     else:
         unavailable["local"] = "[local_model] endpoint is empty"
     grace = settings.pool.kill_grace_seconds
-    cl, ge = settings.claude, settings.gemini
+    cl, ge, co = settings.claude, settings.gemini, settings.codex
     candidates: list[tuple[str, bool, Runner]] = [
         ("claude", cl.enabled, ClaudeRunner(
             binary=cl.binary, model=cl.model, extra_args=cl.extra_args,
@@ -187,6 +188,10 @@ def build_runners(
             binary=ge.binary, model=ge.model, extra_args=ge.extra_args,
             timeout_s=ge.timeout_seconds, env={**env, **ge.env}, kill_grace_s=grace,
             max_rate_limit_retries=ge.max_rate_limit_retries, approval_mode=ge.approval_mode)),
+        ("codex", co.enabled, CodexRunner(
+            binary=co.binary, model=co.model, extra_args=co.extra_args,
+            timeout_s=co.timeout_seconds, env={**env, **co.env}, kill_grace_s=grace,
+            max_rate_limit_retries=co.max_rate_limit_retries, sandbox=co.sandbox)),
     ]
     for name, enabled, runner in candidates:
         reason = None if enabled else f"disabled in [{name}]"

@@ -40,6 +40,7 @@ class ExecStatus(enum.StrEnum):
 class AgentType(enum.StrEnum):
     CLAUDE = "claude"
     GEMINI = "gemini"
+    CODEX = "codex"
     LOCAL = "local"
 
 

@@ -28,11 +28,14 @@ AGENT_DESCRIPTIONS = {
     "running tools in a repository. Costs money.",
     "gemini": "Gemini CLI: good for reading large code bases, research, explanations and "
     "summaries over many files. Costs money.",
+    "codex": "Codex CLI: changes code, runs commands and tests in a repository; strong at "
+    "focused implementation work. Costs money.",
     "local": "A local model: free. Answers in text without a working dir; with one it is a "
     "coding agent that reads, edits and runs commands in the task's workspace. Best for small, "
     "well-described changes.",
 }
-_MODEL_HINTS = {"claude": ("claude", "sonnet", "opus", "haiku"), "gemini": ("gemini",)}
+_MODEL_HINTS = {"claude": ("claude", "sonnet", "opus", "haiku"), "gemini": ("gemini",),
+                "codex": ("gpt", "codex", "o3", "o4")}
 _REASON_CHARS = 300
 
 

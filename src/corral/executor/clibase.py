@@ -12,6 +12,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import BinaryIO
 
 from corral.config import looks_secret
@@ -61,6 +62,10 @@ class CliRunner(ABC):
     @abstractmethod
     def stdin_data(self, request: RunRequest) -> bytes: ...
 
+    def cwd(self, request: RunRequest) -> Path | None:
+        """Where the CLI runs: the task's working dir (None: the daemon's own)."""
+        return request.workdir
+
     def child_env(self) -> dict[str, str]:
         return dict(self.base_env)
 
@@ -88,7 +93,7 @@ class CliRunner(ABC):
                     self.argv(binary, request, model),
                     handler=handler,
                     stdin_data=self.stdin_data(request),
-                    cwd=request.workdir,
+                    cwd=self.cwd(request),
                     env=self.child_env(),
                     stderr_file=stderr,
                     timeout_s=timeout_s,

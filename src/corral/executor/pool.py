@@ -558,6 +558,7 @@ class Pool:
             workdir=where.cwd, timeout_s=task.timeout_s,
             resume_session_id=going_on.resume_session_id, history=going_on.history,
             max_cost_usd=task.max_cost_usd,
+            prior_usage=_session_usage(earlier, going_on.resume_session_id),
             on_process=self._process_recorder(execution.id),
             on_output=lambda: self._watchers.notify(("execution", execution.id)),
         )
@@ -635,7 +636,8 @@ class Pool:
         price = self.prices.get(result.model or execution.model or "")
         if result.cost_usd is not None or price is None or result.tokens_in is None:
             return False
-        result.cost_usd = price.cost_usd(result.tokens_in, result.tokens_out or 0)
+        result.cost_usd = price.cost_usd(result.tokens_in, result.tokens_out or 0,
+                                         result.cached_tokens)
         return True
 
     def _hold_to_budget(self, task: Task, result: RunResult) -> None:
@@ -705,6 +707,14 @@ class Pool:
                        "insertions": stat.insertions if stat else None,
                        "deletions": stat.deletions if stat else None},
         ))
+
+
+def _session_usage(earlier: list[Execution], session_id: str | None) -> tuple[int, int]:
+    """Tokens the earlier executions of a session used (in, out)."""
+    if session_id is None:
+        return 0, 0
+    same = [e for e in earlier if e.session_id == session_id]
+    return sum(e.tokens_in or 0 for e in same), sum(e.tokens_out or 0 for e in same)
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,8 @@ class RunRequest:
     history: list[tuple[str, str]] = field(default_factory=list)
     # The task's spend cap: an agent that can stop itself at it does (claude, the local agent).
     max_cost_usd: float | None = None
+    # Tokens (in, out) the resumed session had already used: codex reports session totals.
+    prior_usage: tuple[int, int] = (0, 0)
     # Told who the agent's process group leader is once it starts, so that after a crash
     # the next daemon can end exactly that group.
     on_process: Callable[[ProcessIdentity], Awaitable[None]] | None = None
@@ -66,6 +68,7 @@ class RunResult:
     cost_usd: float | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
+    cached_tokens: int = 0  # of tokens_in, read from a cache (priced apart)
     session_id: str | None = None
     exit_code: int | None = None
     error: str | None = None
