@@ -94,7 +94,7 @@ async def test_prompt_from_stdin_and_client_errors(daemon_proc: DaemonProcess) -
                              stdin=b"prompt from stdin")
     assert code == 0 and json.loads(out)["prompt"] == "prompt from stdin"
     code, _, err = await cli("submit", "x", "--agent", "robot", socket=sock)
-    assert code == 1 and "unknown agent 'robot'" in err and "claude, gemini, local" in err
+    assert code == 1 and "unknown agent 'robot'" in err and "claude, gemini, codex, local" in err
     code, _, err = await cli("show", "999999", socket=sock)
     assert code == 1 and "does not exist" in err
     code, _, err = await cli("submit", "x", "--dir", "/nonexistent/dir", socket=sock)
