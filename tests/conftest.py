@@ -4,6 +4,7 @@ the real llama.cpp server with SmolLM2, stores on real SQLite files, and whole d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ from corral.config import (
     PoolSettings,
     Settings,
 )
+from corral.daemon import running_daemon
+from corral.executor.pool import Pool
 from corral.storage.sqlite import SqliteStore
 from tests import peers
 from tests.fakes.anthropic import FakeAnthropic
@@ -253,6 +256,24 @@ async def api_client() -> AsyncIterator[Callable[[Path], ApiClient]]:
     yield make
     for client in clients:
         await client.close()
+
+
+Daemon = tuple[Pool, ApiClient]
+StartDaemon = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def daemon(api_client: Callable[[Path], ApiClient]) -> AsyncIterator[StartDaemon]:
+    """Starts daemons in this test's loop (``start(settings, env, **running_daemon_kwargs)``);
+    all of them stop when the test ends."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(settings: Settings, env: dict[str, str] | None = None,
+                        **kwargs: Any) -> Daemon:
+            pool = await stack.enter_async_context(running_daemon(settings, env or {}, **kwargs))
+            return pool, api_client(settings.daemon.socket_path)
+
+        yield start
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 20.0,

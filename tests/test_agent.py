@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import resource
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from corral.config import LocalAgentSettings, LocalModelSettings, Settings
-from corral.daemon import running_daemon
 from corral.executor.agent.tools import BashLimits, Toolbox
 from corral.executor.local import AgentOptions, LocalRunner
 from corral.executor.runner import RunRequest, RunResult, RunStatus
 from corral.executor.streamjson import read_events
 from corral.host import sandbox
 from corral.llm.client import Client
-from tests.conftest import ApiClient, until
+from tests.conftest import StartDaemon, until
 from tests.fakes.base import Reply, Status
 from tests.fakes.openai import FakeOpenAI, ToolCalls
 from tests.gitrepo import git, make_repo
@@ -294,27 +292,14 @@ async def test_a_model_answering_tools_in_prose_gets_schema_actions(
     assert "tools" not in fake.requests[1]["body"]
 
 
-@pytest.fixture
-async def daemon(
-    api_client: Callable[[Path], ApiClient],
-) -> AsyncIterator[Callable[[Settings], Awaitable[ApiClient]]]:
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(settings: Settings) -> ApiClient:
-            await stack.enter_async_context(running_daemon(settings, {}))
-            return api_client(settings.daemon.socket_path)
-
-        yield start
-
-
 async def test_an_agent_task_in_a_repository_ends_in_a_commit_of_its_changes(
     tmp_path: Path, fake_openai: MakeFake, make_settings: Callable[..., Settings],
-    daemon: Callable[[Settings], Awaitable[ApiClient]],
+    daemon: StartDaemon,
 ) -> None:
     fake = await fake_openai()
     fake.push(*write_run_edit("fragments"))
     repo = make_repo(tmp_path / "repo")
-    api = await daemon(make_settings(local_model=LocalModelSettings(endpoint=fake.endpoint,
+    _, api = await daemon(make_settings(local_model=LocalModelSettings(endpoint=fake.endpoint,
                                                                     model="m")))
     done = await api.wait((await api.submit(prompt="make notes", agent="local",
                                             workdir=str(repo)))["id"])
@@ -372,13 +357,13 @@ async def test_in_the_sandbox_writes_outside_and_the_network_fail(tmp_path: Path
 
 async def test_a_required_sandbox_that_cannot_run_fails_the_task_clearly(
     tmp_path: Path, fake_openai: MakeFake, make_settings: Callable[..., Settings],
-    daemon: Callable[[Settings], Awaitable[ApiClient]], monkeypatch: pytest.MonkeyPatch,
+    daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sandbox, "BINARY", "bwrap-that-is-not-installed")
     fake = await fake_openai()
     ws = tmp_path / "ws"
     ws.mkdir()
-    api = await daemon(make_settings(
+    _, api = await daemon(make_settings(
         local_model=LocalModelSettings(endpoint=fake.endpoint, model="m"),
         local_agent=LocalAgentSettings(sandbox="required")))
     done = await api.wait((await api.submit(prompt="x", agent="local", workdir=str(ws)))["id"])

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from corral.config import CodexSettings, LocalModelSettings, Price, Settings
-from corral.daemon import running_daemon
 from corral.executor.codex import CodexRunner
 from corral.executor.runner import RunRequest, RunResult, RunStatus
 from corral.executor.streamjson import read_events
-from tests.conftest import ApiClient
+from tests.conftest import StartDaemon
 from tests.fakes.base import Hang, Reply, Status
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.responses import Failed, FakeResponses, Shell
@@ -131,23 +129,10 @@ def test_extra_args_other_than_config_overrides_are_refused() -> None:
     assert CodexSettings(extra_args=["-c", "a=1"]).extra_args == ["-c", "a=1"]
 
 
-@pytest.fixture
-async def daemon(
-    api_client: Callable[[Path], ApiClient],
-) -> AsyncIterator[Callable[[Settings], Awaitable[ApiClient]]]:
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(settings: Settings) -> ApiClient:
-            await stack.enter_async_context(running_daemon(settings, {"PATH": os.environ["PATH"]}))
-            return api_client(settings.daemon.socket_path)
-
-        yield start
-
-
 async def test_a_reply_resumes_the_thread_and_the_cost_is_estimated(
     tmp_path: Path, codex_settings: CodexSettings, fake_responses: FakeResponses,
     fake_openai: MakeFake, make_settings: Callable[..., Settings],
-    daemon: Callable[[Settings], Awaitable[ApiClient]],
+    daemon: StartDaemon,
 ) -> None:
     repo = make_repo(tmp_path / "repo")
     fake_responses.push(Shell("echo planned > plan.txt"), Reply(text="first", input_tokens=10,
@@ -157,7 +142,7 @@ async def test_a_reply_resumes_the_thread_and_the_cost_is_estimated(
         codex=codex_settings.model_copy(update={"sandbox": "danger-full-access"}),
         local_model=LocalModelSettings(endpoint=(await fake_openai()).endpoint, model="m"),
         prices={"gpt-5.5": Price(input=1.25, output=10.0, cached_input=0.125)})
-    api = await daemon(settings)
+    _, api = await daemon(settings, {"PATH": os.environ["PATH"]})
     task = await api.wait((await api.submit(prompt="write a plan", agent="codex",
                                             workdir=str(repo)))["id"], 120)
     assert task["state"] == "succeeded", task["error"]

@@ -7,7 +7,7 @@ import contextlib
 import json
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from corral.config import (
     PoolSettings,
     Settings,
 )
-from corral.daemon import running_daemon
 from corral.executor.local import LocalRunner
 from corral.executor.pool import Pool
 from corral.executor.streamjson import read_events
@@ -38,20 +37,6 @@ from tests.fakes.openai import FakeOpenAI
 
 MakeFake = Callable[[], Awaitable[FakeOpenAI]]
 MakeSettings = Callable[..., Settings]
-Daemon = tuple[Pool, ApiClient]
-
-
-@pytest.fixture
-async def daemon(
-    api_client: Callable[[Path], ApiClient],
-) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(settings: Settings, env: dict[str, str] | None = None) -> Daemon:
-            pool = await stack.enter_async_context(running_daemon(settings, env or {}))
-            return pool, api_client(settings.daemon.socket_path)
-
-        yield start
 
 
 def pool_settings(**limits: int) -> PoolSettings:

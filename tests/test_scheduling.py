@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,12 @@ from corral.config import (
     Price,
     Settings,
 )
-from corral.daemon import running_daemon
-from corral.executor.pool import Pool
 from corral.models import Task, TaskState
 from corral.notify import Notifier
 from corral.schedule import Scheduler
 from corral.storage.sqlite import SqliteStore
 from tests import peers
-from tests.conftest import ApiClient, until
+from tests.conftest import StartDaemon, until
 from tests.daemon_proc import cli
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.base import Reply, Status
@@ -42,22 +39,7 @@ from tests.gitrepo import git, make_repo
 
 MakeFake = Callable[[], Awaitable[FakeOpenAI]]
 MakeSettings = Callable[..., Settings]
-Start = Callable[..., Awaitable[tuple[Pool, ApiClient]]]
-
-
-@pytest.fixture
-async def daemon(
-    api_client: Callable[[Path], ApiClient],
-) -> AsyncIterator[Start]:
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(settings: Settings, env: dict[str, str] | None = None,
-                        **kwargs: Any) -> tuple[Pool, ApiClient]:
-            pool = await stack.enter_async_context(running_daemon(settings, env or {},
-                                                                  **kwargs))
-            return pool, api_client(settings.daemon.socket_path)
-
-        yield start
+Start = StartDaemon
 
 
 def local(fake: FakeOpenAI, **extra: Any) -> LocalModelSettings:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,7 @@ from corral.config import (
     Settings,
     WorkspaceSettings,
 )
-from corral.daemon import running_daemon
 from corral.executor.landing import Landing
-from corral.executor.pool import Pool
 from tests import peers
 from tests.conftest import ApiClient, until
 from tests.daemon_proc import DaemonProcess, cli
@@ -38,19 +35,6 @@ MakeSettings = Callable[..., Settings]
 def write(name: str, content: str) -> ToolUse:
     """A turn in which the agent writes ``name`` in its working dir with Claude Code's Write."""
     return ToolUse("Write", lambda cwd: {"file_path": f"{cwd}/{name}", "content": content})
-
-
-@pytest.fixture
-async def daemon(
-    api_client: Callable[[Path], ApiClient],
-) -> AsyncIterator[Callable[..., Awaitable[tuple[Pool, ApiClient]]]]:
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(settings: Settings, env: dict[str, str]) -> tuple[Pool, ApiClient]:
-            pool = await stack.enter_async_context(running_daemon(settings, env))
-            return pool, api_client(settings.daemon.socket_path)
-
-        yield start
 
 
 def api_socket(api: ApiClient) -> Path:
