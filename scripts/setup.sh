@@ -69,5 +69,13 @@ if [ "$with_tests" = 1 ]; then
     say "installing the claude, gemini and codex CLIs into .peers/ (npm ci)"
     (cd .peers && npm ci --no-audit --no-fund --loglevel=error >&2)
   fi
+  # aider, the tests' CLI configured under [agents]: it pins its own litellm and more, so it
+  # gets a venv of its own.
+  aider=.peers/venvs/aider
+  if [ "$("$aider/bin/aider" --version 2>/dev/null)" != "aider $AIDER_CHAT_VERSION" ]; then
+    say "installing aider $AIDER_CHAT_VERSION into $aider"
+    "$PY" -m venv "$aider"
+    "$aider/bin/python" -m pip --disable-pip-version-check -q install "aider-chat==$AIDER_CHAT_VERSION"
+  fi
 fi
 say "setup done"

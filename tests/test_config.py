@@ -46,6 +46,19 @@ def test_file_and_environment_override(tmp_path: Path, monkeypatch: pytest.Monke
     ("[classifier]\ndefault_agent = \"robot\"\n", "classifier.default_agent"),
     ("[pool\n", "not valid TOML"),
     ("[daemon]\nevent_loop = \"tokio\"\n", "daemon.event_loop"),
+    ("[agents.claude]\ncommand = [\"x\"]\n", "agents.claude: the name of a built-in agent"),
+    ("[agents.x]\ncommand = []\n", "agents.x.command"),
+    ("[agents.x]\ncommand = \"aider --yes\"\n", "agents.x.command"),
+    ("[agents.x]\ncommand = [\"aider\", 3]\n", "agents.x.command.1"),
+    ("[agents.x]\ncomand = [\"aider\"]\n", "agents.x.comand: unknown key"),
+    ("[agents.x]\ncommand = [\"a\"]\noutput = \"json\"\n", "agents.x.output"),
+    ("[agents.x]\ncommand = [\"a\"]\nresume = [\"a\", \"-r\"]\n", "agents.x.resume"),
+    ("[agents.x]\ncommand = [\"a\"]\nresume = [\"a\", \"{session_id}\"]\n",
+     "resume: needs output = \"claude-stream-json\""),
+    ("[agents.\"a b\"]\ncommand = [\"a\"]\n", "agents.a b: a name is letters"),
+    ("[pool.max_concurrent]\naider = 2\n", "pool.max_concurrent.aider: no such agent"),
+    ("[agents.aider]\ncommand = [\"a\"]\n[pool.max_concurrent]\naider = -1\n",
+     "aider: a limit is a whole number"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -100,6 +113,23 @@ def test_corral_config_command_redacts(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=True)
     assert "sk-cli-planted" not in out.stdout + out.stderr
     assert json.loads(out.stdout)["local_model"]["api_key"] == "***"
+
+
+def test_configured_agents_and_their_limits_load(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, (
+        "[agents.aider]\ncommand = [\"aider\", \"--message\", \"{prompt}\"]\n"
+        "[pool.max_concurrent]\naider = 3\n[classifier]\ndefault_agent = \"aider\"\n")))
+    assert settings.agent_names()[-1] == "aider"
+    assert settings.pool.max_concurrent.for_agent("aider") == 3
+    assert settings.agents["aider"].success_exit_codes == [0]
+
+
+def test_corral_serve_bad_agent_table_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.aider]\ncommand = []\n")
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "serve", "--config", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "agents.aider.command" in out.stderr
 
 
 def test_corral_serve_bad_key_one_line_error(tmp_path: Path) -> None:

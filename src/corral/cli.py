@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="config file (default: $XDG_CONFIG_HOME/corral/...)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     task_options = argparse.ArgumentParser(add_help=False)
-    task_options.add_argument("--agent", help="claude, gemini, local or auto")
+    task_options.add_argument("--agent", help="claude, gemini, codex, local, an [agents] one, auto")
     task_options.add_argument("--model")
     task_options.add_argument("--dir", help="working directory for the agent")
     task_options.add_argument("--priority", type=int, default=0)

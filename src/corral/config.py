@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,7 +27,7 @@ from pydantic_settings import (
 )
 
 from corral.errors import ConfigError
-from corral.models import KNOWN_AGENTS
+from corral.models import AUTO, KNOWN_AGENTS
 from corral.paths import default_config_path, default_data_dir, default_socket_path
 
 
@@ -55,14 +63,33 @@ class DaemonSettings(_Section):
         return upper
 
 
+DEFAULT_MAX_CONCURRENT = 2
+
+
 class MaxConcurrent(_Section):
+    """Per-agent limits; an agent configured under [agents.NAME] may have one too."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
     claude: int = Field(default=2, ge=0)
     gemini: int = Field(default=2, ge=0)
     codex: int = Field(default=2, ge=0)
     local: int = Field(default=4, ge=0)
 
+    @model_validator(mode="after")
+    def _extra_limits(self) -> Self:
+        for name, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: a limit is a whole number, 0 or more")
+        return self
+
     def for_agent(self, agent: str) -> int:
-        return int(getattr(self, agent))
+        value = getattr(self, agent, None)
+        return DEFAULT_MAX_CONCURRENT if value is None else int(value)
+
+    def configured(self) -> set[str]:
+        """The names of the limits given beyond the built-in agents'."""
+        return set(self.model_extra or {})
 
 
 class PoolSettings(_Section):
@@ -158,15 +185,46 @@ class LocalAgentSettings(_Section):
 
 class ClassifierSettings(_Section):
     enabled: bool = True
-    default_agent: str = "local"
+    default_agent: str = "local"  # a built-in agent or one of [agents]
     timeout_seconds: float = Field(default=30.0, gt=0)
 
-    @field_validator("default_agent")
+
+class AgentCliSettings(_Section):
+    """An agent CLI defined in the config file: ``[agents.NAME]``."""
+
+    enabled: bool = True
+    # The argv; "{prompt}" is replaced by the prompt as one argument (without it the prompt goes
+    # on stdin), "{model}" by the task's model (dropped with the flag before it when none).
+    command: list[str] = Field(min_length=1)
+    output: Literal["text", "claude-stream-json"] = "text"
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=1800.0, gt=0)
+    success_exit_codes: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    description: str = ""  # what the classifier is told about it
+    # A follow-up's argv, with "{session_id}" (and "{prompt}"); without it, earlier turns go
+    # in the prompt.
+    resume: list[str] | None = None
+
+    @field_validator("command")
     @classmethod
-    def _agent(cls, value: str) -> str:
-        if value not in KNOWN_AGENTS:
-            raise ValueError(f"must be one of {', '.join(KNOWN_AGENTS)}")
+    def _command(cls, value: list[str]) -> list[str]:
+        if not value[0].strip():
+            raise ValueError("the first element must name the program")
         return value
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not any("{session_id}" in part for part in value):
+            raise ValueError('needs a "{session_id}" element')
+        return value
+
+    @model_validator(mode="after")
+    def _resume_needs_sessions(self) -> Self:
+        # Only Claude's envelope tells corral the CLI's session id.
+        if self.resume is not None and self.output != "claude-stream-json":
+            raise ValueError('resume: needs output = "claude-stream-json", which names the session')
+        return self
 
 
 class WorkspaceSettings(_Section):
@@ -259,6 +317,25 @@ class Settings(BaseSettings):
     notify: NotifySettings = Field(default_factory=NotifySettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)
     prices: dict[str, Price] = Field(default_factory=dict)  # by model name
+    agents: dict[str, AgentCliSettings] = Field(default_factory=dict)  # CLIs by configuration
+
+    @model_validator(mode="after")
+    def _agent_names(self) -> Self:
+        for name in self.agents:
+            if name in KNOWN_AGENTS or name == AUTO:
+                raise ValueError(f"agents.{name}: the name of a built-in agent")
+            if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 40:
+                raise ValueError(f"agents.{name}: a name is letters, digits, - and _")
+        names = set(KNOWN_AGENTS) | set(self.agents)
+        for name in self.pool.max_concurrent.configured() - names:
+            raise ValueError(f"pool.max_concurrent.{name}: no such agent")
+        if self.classifier.default_agent not in names:
+            raise ValueError(f"classifier.default_agent: must be one of {', '.join(sorted(names))}")
+        return self
+
+    def agent_names(self) -> tuple[str, ...]:
+        """Every agent corral knows: the built-in ones, then those of [agents]."""
+        return (*KNOWN_AGENTS, *self.agents)
 
     @classmethod
     def settings_customise_sources(
@@ -316,9 +393,9 @@ def load_settings(path: Path | None = None) -> Settings:
 def _describe(exc: ValidationError, path: Path) -> str:
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{key}: {msg}")
+        parts.append(f"{key}: {msg}" if key else msg)
     return f"invalid config ({path}): " + "; ".join(parts)

@@ -31,6 +31,7 @@ from corral.executor.classifier import Classifier
 from corral.executor.claude import ClaudeRunner
 from corral.executor.codex import CodexRunner
 from corral.executor.gemini import GeminiRunner
+from corral.executor.generic import GenericRunner
 from corral.executor.landing import Landing
 from corral.executor.local import AgentOptions, LocalRunner
 from corral.executor.pool import Pool
@@ -193,8 +194,12 @@ def build_runners(
             timeout_s=co.timeout_seconds, env={**env, **co.env}, kill_grace_s=grace,
             max_rate_limit_retries=co.max_rate_limit_retries, sandbox=co.sandbox)),
     ]
+    candidates += [(name, agent.enabled, GenericRunner(
+        name, agent, env={**env, **agent.env}, kill_grace_s=grace))
+        for name, agent in settings.agents.items()]
     for name, enabled, runner in candidates:
-        reason = None if enabled else f"disabled in [{name}]"
+        table = f"agents.{name}" if name in settings.agents else name
+        reason = None if enabled else f"disabled in [{table}]"
         reason = reason or runner.unavailable_reason()
         if settings.pool.max_concurrent.for_agent(name) == 0:
             reason = f"[pool.max_concurrent] {name} is 0"
@@ -217,6 +222,7 @@ def build_classifier(settings: Settings, agents: Agents, env: Mapping[str, str])
         timeout_s=settings.classifier.timeout_seconds, enabled=settings.classifier.enabled,
         client=agents.client, gemini_binary=gemini_binary,
         gemini_model=settings.gemini.model or None, gemini_env={**env, **settings.gemini.env},
+        descriptions={name: a.description for name, a in settings.agents.items() if a.description},
     )
 
 
@@ -273,7 +279,8 @@ async def running_daemon(
                     unavailable=agents.unavailable, grace_s=settings.daemon.shutdown_grace_seconds,
                     workspaces=workspaces, isolate_default=ws.isolate,
                     on_final=notifier.task_finished, clock=clock,
-                    budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices)
+                    budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices,
+                    known_agents=settings.agent_names())
         scheduler = Scheduler(store, pool.submit, clock=clock)
         app = build_app(pool, store, landing, scheduler,
                         max_request_bytes=settings.daemon.max_request_bytes)

@@ -60,10 +60,13 @@ class Classifier:
         gemini_binary: str | None = None,
         gemini_model: str | None = None,
         gemini_env: Mapping[str, str] | None = None,
+        descriptions: Mapping[str, str] | None = None,
     ) -> None:
         if not registered:
             raise ValueError("the classifier needs at least one registered agent")
         self.registered = list(registered)
+        # What the model is told about each agent: the built-in texts, then those of [agents].
+        self.descriptions = {**AGENT_DESCRIPTIONS, **(descriptions or {})}
         self.default_agent = default_agent if default_agent in registered else self.registered[0]
         self.timeout_s = timeout_s
         self.enabled = enabled
@@ -97,7 +100,7 @@ class Classifier:
         return self._validate(raw, source)
 
     def _messages(self, prompt: str) -> list[Message]:
-        agents = "\n".join(f"- {a}: {AGENT_DESCRIPTIONS.get(a, a)}" for a in self.registered)
+        agents = "\n".join(f"- {a}: {self.descriptions.get(a) or a}" for a in self.registered)
         system = (
             "You route coding tasks to agents. Agents:\n" + agents + "\n"
             'Answer only with JSON: {"agent_type": one of the agent names, "model": "" or a '

@@ -82,10 +82,10 @@ class ClaudeRunner(CliRunner):
     def handler(
         self, writer: EnvelopeWriter, stderr: BinaryIO, request: RunRequest, model: str | None
     ) -> CliHandler:
-        return _ClaudeHandler(writer, stderr, self.max_rate_limit_retries, request.max_cost_usd)
+        return ClaudeHandler(writer, stderr, self.max_rate_limit_retries, request.max_cost_usd)
 
 
-class _ClaudeHandler(CliHandler):
+class ClaudeHandler(CliHandler):
     def __init__(self, writer: EnvelopeWriter, stderr: BinaryIO, max_retries: int,
                  max_cost_usd: float | None = None) -> None:
         self.max_cost_usd = max_cost_usd

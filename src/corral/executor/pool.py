@@ -112,8 +112,10 @@ class Pool:
         on_final: Callable[[int], None] | None = None,
         budgets: Budgets | None = None,
         prices: Mapping[str, Price] | None = None,
+        known_agents: Sequence[str] = KNOWN_AGENTS,
     ) -> None:
         self.store = store
+        self.known_agents = tuple(known_agents)  # built-in and configured, registered or not
         self.budgets = budgets
         self.prices = dict(prices or {})
         # Told each task id that reaches a final state (notifications); must not block.
@@ -264,9 +266,10 @@ class Pool:
 
     def check_agent(self, agent: str) -> None:
         """A 400 for a name that is no agent corral knows."""
-        if agent != AUTO and agent not in KNOWN_AGENTS:
+        if agent != AUTO and agent not in self.known_agents:
             raise BadRequest(
-                f"unknown agent {agent!r}; known agents: {', '.join((*KNOWN_AGENTS, AUTO))}",
+                f"unknown agent {agent!r}; known agents:"
+                f" {', '.join((*self.known_agents, AUTO))}",
                 code="unknown_agent",
             )
 
@@ -380,7 +383,7 @@ class Pool:
     def agents_state(self) -> list[dict[str, Any]]:
         now = self.clock()
         out = []
-        for name in KNOWN_AGENTS:
+        for name in self.known_agents:
             slot = self.agents.get(name)
             if slot is None:
                 out.append({"name": name, "registered": False, "state": "unavailable",
@@ -441,7 +444,7 @@ class Pool:
 
     async def _fail_unplaceable(self, task: Task) -> None:
         names = [task.requested_agent] if task.requested_agent not in (None, AUTO) else []
-        names += [a for a in KNOWN_AGENTS if a not in names]
+        names += [a for a in self.known_agents if a not in names]
         why = "; ".join(self._why_unavailable(a) for a in names if a is not None)
         self._settle(task.id, await self.store.update_task(
             task.id, state=TaskState.FAILED, error=f"no agent can run this task: {why}"))

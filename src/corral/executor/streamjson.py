@@ -147,8 +147,10 @@ class EnvelopeWriter:
         self.event({"type": "system", "subtype": "init", "session_id": session_id,
                     "model": model, "cwd": cwd, **extra})
 
-    def text_delta(self, text: str) -> None:
-        self._parts.append(text)
+    def text_delta(self, text: str, *, keep: bool = True) -> None:
+        """A streamed piece of text; ``keep=False`` for output of no bound, kept by the caller."""
+        if keep:
+            self._parts.append(text)
         # One line per token on a real model: built from a template, byte for byte what
         # event() would write, at a tenth of the cost.
         self.write_line(_DELTA_HEAD + _utf8(_ENCODER.encode(text)) + _DELTA_TAIL)
@@ -295,6 +297,14 @@ def trim(text: str | None, limit: int = SUMMARY_CHARS) -> str | None:
     if not flat:
         return None
     return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def trim_tail(text: str | None, limit: int = SUMMARY_CHARS) -> str | None:
+    """Like :func:`trim`, but keeps the end: where a CLI's plain output says how it ended."""
+    flat = trim(text, len(text or "") + 1)
+    if flat is None or len(flat) <= limit:
+        return flat
+    return "…" + flat[-(limit - 1):].lstrip()
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ class TaskCreate(BaseModel):
 
     prompt: str = Field(min_length=1, description="What the agent is asked to do.")
     agent: str | None = Field(
-        default=None, description="claude, gemini, local or auto (the classifier decides).")
+        default=None, description="claude, gemini, codex, local, an agent of [agents], or auto"
+        " (the classifier decides).")
     model: str | None = Field(default=None, max_length=200)
     workdir: str | None = Field(default=None, description="Absolute path of a directory.")
     priority: int = Field(default=0, ge=-1000, le=1000)
