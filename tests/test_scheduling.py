@@ -315,6 +315,25 @@ async def test_a_daily_cap_pauses_claude_while_auto_work_flows_to_local_until_th
     assert (await api.wait(pinned["id"], 120))["state"] == "succeeded"
 
 
+async def test_a_log_line_warns_once_at_80_percent_of_a_cap(
+    make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = await fake_openai()
+    fake.default = Reply(text="x", input_tokens=30, output_tokens=10)  # $0.40 a run
+    _, api = await daemon(make_settings(
+        local_model=local(fake), local_agent=LocalAgentSettings(mode="text"),
+        prices={"fake-model": Price(input=10_000, output=10_000)},
+        budget=BudgetSettings(daily_usd={"local": 0.45}, monthly_usd={"local": 100.0})))
+    with caplog.at_level("WARNING", logger="corral.executor.budget"):
+        for n in range(2):  # $0.40, then $0.80: at 80 % of the day's cap and past it
+            await api.wait((await api.submit(prompt=f"t{n}", agent="local"))["id"])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "corral.executor.budget"]
+    assert warnings == ["local has spent $0.4 of its daily cap of $0.45"]
+    _, agents = await api.call("GET", "/agents")
+    assert next(a for a in agents["agents"] if a["name"] == "local")["state"] == "paused"
+
+
 async def test_a_per_task_cap_stops_a_local_agent_run(
     tmp_path: Path, make_settings: MakeSettings, fake_openai: MakeFake, daemon: Start
 ) -> None:
