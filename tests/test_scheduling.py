@@ -332,6 +332,12 @@ async def test_a_log_line_warns_once_at_80_percent_of_a_cap(
     assert warnings == ["local has spent $0.4 of its daily cap of $0.45"]
     _, agents = await api.call("GET", "/agents")
     assert next(a for a in agents["agents"] if a["name"] == "local")["state"] == "paused"
+    # What corral estimated is told apart from what an agent reported.
+    _, stats = await api.call("GET", "/stats")
+    local_stats = stats["agents"]["local"]
+    assert local_stats["cost_usd"] == local_stats["cost_estimated_usd"] == pytest.approx(0.8)
+    _, out, _ = await cli("stats", "--by", "agent", socket=api.socket_path)
+    assert "$    0.8000 ($0.8000 estimated)" in out
 
 
 async def test_a_per_task_cap_stops_a_local_agent_run(
@@ -379,7 +385,7 @@ async def test_stats_per_day_agent_and_model(
         await api.wait((await api.submit(prompt=f"t{n}", agent="local"))["id"])
     _, by_agent = await api.call("GET", "/stats", params={"by": "agent"})
     assert by_agent["groups"] == [{"agent": "local", "executions": 3, "cost_usd": 0.0,
-                                   "tokens_in": 9, "tokens_out": 6}]
+                                   "cost_estimated_usd": 0.0, "tokens_in": 9, "tokens_out": 6}]
     today = time.strftime("%Y-%m-%d")
     code, out, _ = await cli("stats", "--by", "day", "--since", today, socket=api.socket_path)
     assert code == 0 and out.startswith(today) and "3 runs" in out

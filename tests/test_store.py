@@ -46,7 +46,7 @@ async def test_upgrade_from_0001_keeps_every_row(tmp_path: Path) -> None:
                 " log_path) VALUES (?, 'claude', 'succeeded', 1.0, ?, ?)",
                 (task_id, 0.25 * i, f"/logs/{i}"))
     async with SqliteStore(path) as new:
-        tasks = await new.list_tasks(limit=100)
+        tasks = (await new.list_tasks(limit=100)).tasks
         assert sorted(t.prompt for t in tasks) == [f"prompt {i}" for i in range(5)]
         executions = [e for t in tasks for e in await new.executions_for(t.id)]
         assert sorted(e.cost_usd or 0 for e in executions) == [0, 0.25, 0.5, 0.75, 1.0]
@@ -192,7 +192,7 @@ async def test_group_commit_keeps_every_write_and_isolates_a_bad_one(store: Sqli
     assert isinstance(results[-1], sqlite3.OperationalError)
     created = [r for r in results[:-1] if not isinstance(r, BaseException)]
     assert len(created) == 50
-    stored = await store.list_tasks(limit=100)
+    stored = (await store.list_tasks(limit=100)).tasks
     assert sorted(t.prompt for t in stored) == sorted(f"burst {n}" for n in range(50))
 
 

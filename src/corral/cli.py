@@ -135,11 +135,15 @@ def _wait(client: CorralClient, task_id: int) -> Any:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    data = _client(args).request("GET", "/tasks", query={"state": args.state, "limit": args.limit})
+    query = {"state": args.state, "agent": args.agent, "since": args.since, "until": args.until,
+             "before": args.before, "limit": args.limit}
+    data = _client(args).request("GET", "/tasks", query=query)
     if args.json:
         _print_json(data["tasks"])
     else:
         print(task_table(data["tasks"]))
+    if data.get("next"):  # on stderr, so a script's --json output stays one document
+        print(f"more: corral ls --before {data['next']} (with the same filters)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -299,14 +303,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.by:
         for g in data["groups"]:
             print(f"{g[args.by] or '-':<20} {g['executions']:>6} runs  ${g['cost_usd']:>10.4f}"
-                  f"  {g['tokens_in']:>10} in / {g['tokens_out']} out tokens")
+                  f"{_estimated(g)}  {g['tokens_in']:>10} in / {g['tokens_out']} out tokens")
         return EXIT_OK
     print("tasks: " + ", ".join(f"{k} {v}" for k, v in data["tasks"].items()))
     for name, a in data["agents"].items():
         print(f"{name:<7} {a['executions']} runs ({a['succeeded']} ok, {a['failed']} failed,"
-              f" {a['rate_limited']} rate limited), ${a['cost_usd']:.4f},"
+              f" {a['rate_limited']} rate limited), ${a['cost_usd']:.4f}{_estimated(a)},"
               f" {a['tokens_in']} in / {a['tokens_out']} out tokens")
     return EXIT_OK
+
+
+def _estimated(row: dict[str, Any]) -> str:
+    """How much of a cost corral estimated from [prices] (the agent reported none)."""
+    estimated = row.get("cost_estimated_usd") or 0
+    return f" (${estimated:.4f} estimated)" if estimated else ""
 
 
 def _task_ids(raw: str) -> list[int]:
@@ -359,8 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedules.add_parser("ls", parents=[common], help="the schedules")
     p = schedules.add_parser("rm", parents=[common], help="remove a schedule")
     p.add_argument("id", type=int)
-    p = sub.add_parser("ls", parents=[common], help="list tasks")
+    p = sub.add_parser("ls", parents=[common], help="list tasks, newest first")
     p.add_argument("--state", choices=STATES)
+    p.add_argument("--agent")
+    p.add_argument("--since", help="created at or after: a date or time, e.g. 2026-11-01")
+    p.add_argument("--until", help="created before: a date or time")
+    p.add_argument("--before", type=int, metavar="ID", help="the page after task ID")
     p.add_argument("--limit", type=int, default=50)
     for name, text in (("show", "a task and its executions"), ("cancel", "cancel a task"),
                        ("retry", "queue a finished task again")):

@@ -24,11 +24,19 @@ from typing import Any, Self
 
 from corral.config import PoolSettings, Price
 from corral.errors import BadRequest, Conflict, NotFound, ShuttingDown
+from corral.executor import logfiles
 from corral.executor.budget import Budgets
 from corral.executor.changes import git_base, measure_changes
 from corral.executor.classifier import Classifier
 from corral.executor.continuation import continuation
-from corral.executor.runner import Runner, RunRequest, RunResult, RunStatus, make_folders
+from corral.executor.runner import (
+    STDOUT_LOG,
+    Runner,
+    RunRequest,
+    RunResult,
+    RunStatus,
+    make_folders,
+)
 from corral.executor.streamjson import ChangeStat
 from corral.executor.watch import Watchers
 from corral.models import (
@@ -138,6 +146,7 @@ class Pool:
         self._watchers = Watchers()
         self._classify_sem = asyncio.Semaphore(CLASSIFY_CONCURRENCY)
         self._classifying: set[asyncio.Task[None]] = set()
+        self._compressing: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._accepting = False
         self._shutdown: asyncio.Task[None] | None = None
@@ -197,6 +206,9 @@ class Pool:
                     job.cancel_reason = "shutdown"
                     job.worker.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        # A compression cut short leaves the plain log, still readable: not worth waiting for.
+        if self._compressing:
+            await asyncio.wait(self._compressing, timeout=max(grace_s, 1.0))
 
     @property
     def accepting(self) -> bool:
@@ -549,6 +561,19 @@ class Pool:
             self._watchers.notify(("execution", execution.id))
             job.done.set()
             self.wake()
+            self._compress_later(job.folder / STDOUT_LOG)
+
+    def _compress_later(self, log_path: Path) -> None:
+        """The finished log compressed off the event loop; its readers take either form."""
+        async def compress_it() -> None:
+            try:
+                await asyncio.to_thread(logfiles.compress, log_path)
+            except OSError as exc:  # a full disk: the plain log stays, as readable
+                log.warning("compressing %s failed: %s", log_path, exc)
+
+        job = asyncio.create_task(compress_it(), name="corral-compress-log")
+        self._compressing.add(job)
+        job.add_done_callback(self._compressing.discard)
 
     async def _request(self, job: _Job, where: _Where) -> RunRequest:
         """What the runner is asked: the prompt, where, and how it goes on from before."""

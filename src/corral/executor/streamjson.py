@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.executor.logfiles import open_log
+
 SUMMARY_CHARS = 280
 # How long an envelope line may wait to share a write with the lines after it.
 FLUSH_INTERVAL_S = 0.05
@@ -213,9 +215,9 @@ def iter_events(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """Every readable event in a log file; a missing file is an empty log."""
+    """Every readable event in a log file (plain or compressed); a missing file is an empty log."""
     try:
-        with path.open("rb") as fh:
+        with open_log(path) as fh:
             return list(iter_events(fh))
     except FileNotFoundError:
         return []

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from corral.errors import BadRequest, CorralError, NotFound, PayloadTooLarge
 from corral.executor.landing import Landing
+from corral.executor.logfiles import open_log
 from corral.executor.pool import Pool
 from corral.executor.runner import STDERR_LOG, STDOUT_LOG
 from corral.host.peercred import peer_uid as socket_peer_uid
@@ -42,7 +43,7 @@ from corral.server.schemas import (
     parse_query,
     validation_message,
 )
-from corral.storage.base import Store
+from corral.storage.base import Store, TaskFilter
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,10 @@ async def workspaces(request: web.Request) -> web.Response:
 
 async def list_tasks(request: web.Request) -> web.Response:
     query = parse_query(ListQuery, request.query)
-    tasks = await request.app[STORE_KEY].list_tasks(state=query.state, limit=query.limit)
-    return web.json_response({"tasks": [t.to_dict() for t in tasks]})
+    where = TaskFilter(state=query.state, agent=query.agent, since=query.timestamp(query.since),
+                       until=query.timestamp(query.until), before=query.before)
+    page = await request.app[STORE_KEY].list_tasks(where, limit=query.limit)
+    return web.json_response({"tasks": [t.to_dict() for t in page.tasks], "next": page.next})
 
 
 async def show_task(request: web.Request) -> web.Response:
@@ -287,20 +290,20 @@ async def _execution_to_show(pool: Pool, store: Store, task_id: int, query: LogQ
 
 
 async def _send_from(response: web.StreamResponse, path: Path, offset: int) -> int:
-    """Send what the file holds past ``offset``; returns the new offset."""
-    while chunk := await asyncio.to_thread(_read_chunk, path, offset):
-        await response.write(chunk)
-        offset += len(chunk)
-    return offset
-
-
-def _read_chunk(path: Path, offset: int) -> bytes:
+    """Send what the log holds past ``offset`` (plain or, once finished, compressed); returns
+    the new offset. The file stays open while it is sent: a compressed one is read once."""
     try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read(_READ_CHUNK_BYTES)
+        fh = await asyncio.to_thread(open_log, path)
     except FileNotFoundError:
-        return b""
+        return offset
+    try:
+        await asyncio.to_thread(fh.seek, offset)
+        while chunk := await asyncio.to_thread(fh.read, _READ_CHUNK_BYTES):
+            await response.write(chunk)
+            offset += len(chunk)
+    finally:
+        fh.close()
+    return offset
 
 
 async def agents(request: web.Request) -> web.Response:

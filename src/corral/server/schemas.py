@@ -7,6 +7,7 @@ as text and are converted (``"5"`` is the integer 5, ``"1"`` is true).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,31 @@ Q = TypeVar("Q", bound=_Query)
 
 
 class ListQuery(_Query):
-    """``GET /tasks``: newest first."""
+    """``GET /tasks``: newest first, a page at a time."""
 
     state: TaskState | None = None
-    limit: int = Field(default=50, ge=1, le=10_000)
+    agent: str | None = Field(default=None, max_length=100)
+    since: str | None = Field(default=None, description="Created at or after: an ISO 8601 date"
+                              " or time (without a zone: the daemon's local time).")
+    until: str | None = Field(default=None, description="Created before; as since.")
+    before: int | None = Field(default=None, ge=1, description="The cursor: the tasks listed"
+                               " after this one (the previous page's next).")
+    limit: int = Field(default=50, ge=1, le=1000)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _moment(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                datetime.datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an ISO 8601 date or time") from None
+        return value
+
+    @staticmethod
+    def timestamp(value: str | None) -> float | None:
+        """A validated ``since``/``until`` as a Unix time."""
+        return None if value is None else datetime.datetime.fromisoformat(value).timestamp()
 
 
 class WaitQuery(_Query):
@@ -166,6 +188,7 @@ class TaskList:
     """The answer of ``GET /tasks``."""
 
     tasks: list[Task]
+    next: int | None  # pass as ``before`` for the next page; null on the last
 
 
 def validation_message(exc: ValidationError) -> str:

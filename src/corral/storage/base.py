@@ -43,6 +43,35 @@ class Finished:
     dependents: dict[int, TaskState]
 
 
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Which tasks a listing shows; it is always newest first (by creation, then id)."""
+
+    state: TaskState | None = None
+    agent: str | None = None
+    since: float | None = None  # created at or after
+    until: float | None = None  # created before
+    before: int | None = None  # the cursor: only tasks listed after this one
+
+
+EVERY_TASK = TaskFilter()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    next: int | None  # the cursor for the next page; None on the last one
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What a prune removed (or, dry, would remove); the log folders are the caller's to delete."""
+
+    tasks: int
+    executions: int
+    log_dirs: list[str]
+
+
 class Store(Protocol):
     """Tasks and executions; every method is safe to call concurrently."""
 
@@ -80,9 +109,15 @@ class Store(Protocol):
 
     async def get_task(self, task_id: int, *, with_executions: bool = False) -> Task: ...
 
-    async def list_tasks(
-        self, *, state: TaskState | None = None, limit: int = 50
-    ) -> list[Task]: ...
+    async def list_tasks(self, where: TaskFilter = EVERY_TASK, *, limit: int = 50) -> TaskPage:
+        """A page of tasks; a cursor naming no task is a NotFound."""
+        ...
+
+    async def prune(self, finished_before: float, *, batch: int = 500,
+                    dry_run: bool = False) -> Pruned:
+        """Delete finished tasks last changed before ``finished_before``, with everything of
+        theirs, in transactions of ``batch`` tasks; tasks with a worktree are kept."""
+        ...
 
     async def claim_many(
         self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int

@@ -121,8 +121,10 @@ class Database:
         busy_timeout_ms: int = 5000,
         readers: int = 2,
         migrate_upto: int | None = None,
+        trace: Callable[[str], None] | None = None,
     ) -> None:
         self.path = path
+        self._trace = trace  # sees every statement run (tests check each one's query plan)
         self._synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._reader_count = max(readers, 1)
@@ -139,6 +141,8 @@ class Database:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            if self._trace is not None:
+                conn.set_trace_callback(self._trace)
             if read_only:
                 conn.execute("PRAGMA query_only=1")
             else:

@@ -72,6 +72,17 @@ def migrate_sqlite(conn: sqlite3.Connection, *, upto: int | None = None) -> list
 
 
 def statements(sql: str) -> list[str]:
-    """A migration's statements: ``--`` comments dropped, split on ``;``."""
+    """A migration's statements: ``--`` comments dropped, split where a statement is complete
+    (so a trigger's body, with its own semicolons, stays whole)."""
     lines = [line.split("--", 1)[0] for line in sql.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    out: list[str] = []
+    pending = ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending.strip().removesuffix(";").strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"an incomplete statement at the end of a migration: {pending[:80]!r}")
+    return out

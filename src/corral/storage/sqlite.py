@@ -31,7 +31,16 @@ from corral.models import (
     Workspace,
 )
 from corral.storage import dependencies
-from corral.storage.base import Balancer, Claimed, Clock, Finished
+from corral.storage.base import (
+    EVERY_TASK,
+    Balancer,
+    Claimed,
+    Clock,
+    Finished,
+    Pruned,
+    TaskFilter,
+    TaskPage,
+)
 from corral.storage.engine import Database, transaction
 
 _TASK_COLS = (
@@ -107,16 +116,6 @@ _INSERT_EXEC = (
 )
 
 
-# An execution's day of usage counted once, as it is recorded: budgets and stats read these.
-_COUNT_USAGE = (
-    "INSERT INTO usage_daily (day, agent, model, executions, cost_usd, tokens_in, tokens_out)"
-    " SELECT ?, agent, COALESCE(model, ''), 1, COALESCE(cost_usd, 0), COALESCE(tokens_in, 0),"
-    " COALESCE(tokens_out, 0) FROM executions WHERE id = ? ON CONFLICT (day, agent, model)"
-    " DO UPDATE SET executions = executions + 1, cost_usd = cost_usd + excluded.cost_usd,"
-    " tokens_in = tokens_in + excluded.tokens_in, tokens_out = tokens_out + excluded.tokens_out"
-)
-
-
 def _settled(c: sqlite3.Connection, task_id: int, state: TaskState | None,
              now: float) -> Finished:
     if state is None or not state.final:
@@ -189,6 +188,47 @@ def _claim_one(
     return task, execution
 
 
+def _filter_terms(where: TaskFilter) -> tuple[list[str], list[Any]]:
+    terms: list[str] = []
+    params: list[Any] = []
+    for term, value in (("state = ?", None if where.state is None else str(where.state)),
+                        ("agent = ?", where.agent), ("created_at >= ?", where.since),
+                        ("created_at < ?", where.until)):
+        if value is not None:
+            terms.append(term)
+            params.append(value)
+    return terms, params
+
+
+# Finished, last changed before ?, and no worktree still on disk (cleanup removes it first).
+# The state terms repeat those of the partial index tasks_finished, so it applies; INDEXED BY,
+# because without statistics the planner would rather sort every finished task by hand.
+_PRUNABLE = ("state IN ('succeeded', 'failed', 'cancelled') AND updated_at < ?"
+             " AND (ws_state IS NULL OR ws_state NOT IN ('planned', 'active'))")
+
+
+def _prune_batch(c: sqlite3.Connection, before: float, batch: int) -> tuple[int, int, list[str]]:
+    with transaction(c):
+        ids = [r[0] for r in c.execute(
+            f"SELECT id FROM tasks INDEXED BY tasks_finished WHERE {_PRUNABLE}"
+            " ORDER BY updated_at LIMIT ?",
+            (before, batch))]
+        if not ids:
+            return 0, 0, []
+        chosen = (json.dumps(ids),)
+        some = "IN (SELECT value FROM json_each(?))"
+        dirs = [r[0] for r in c.execute(
+            f"SELECT log_dir FROM executions WHERE task_id {some} AND log_dir IS NOT NULL",
+            chosen)]
+        c.execute("DELETE FROM execution_files WHERE execution_id IN"
+                  f" (SELECT id FROM executions WHERE task_id {some})", chosen)
+        executions = c.execute(f"DELETE FROM executions WHERE task_id {some}", chosen).rowcount
+        c.execute(f"DELETE FROM replies WHERE task_id {some}", chosen)
+        c.execute(f"DELETE FROM task_deps WHERE task_id {some} OR depends_on {some}", chosen * 2)
+        c.execute(f"DELETE FROM tasks WHERE id {some}", chosen)
+    return len(ids), int(executions), dirs
+
+
 class SqliteStore:
     """The embedded store; use as ``async with SqliteStore(path) as store``."""
 
@@ -201,11 +241,12 @@ class SqliteStore:
         clock: Clock = time.time,
         migrate_upto: int | None = None,
         readers: int = 2,
+        trace: Callable[[str], None] | None = None,
     ) -> None:
         self.path = path
         self._clock = clock
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
-                            readers=readers, migrate_upto=migrate_upto)
+                            readers=readers, migrate_upto=migrate_upto, trace=trace)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -335,17 +376,49 @@ class SqliteStore:
             raise NotFound(f"task {task_id} does not exist")
         return task
 
-    async def list_tasks(self, *, state: TaskState | None = None, limit: int = 50) -> list[Task]:
-        if state is None:
-            rows = await self._all(
-                f"SELECT {_TASK_COLS} FROM tasks ORDER BY id DESC LIMIT ?", (limit,)
-            )
-        else:
-            rows = await self._all(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE state = ? ORDER BY id DESC LIMIT ?",
-                (str(state), limit),
-            )
-        return [_task(r) for r in rows]
+    async def list_tasks(self, where: TaskFilter = EVERY_TASK, *, limit: int = 50) -> TaskPage:
+        terms, params = _filter_terms(where)
+
+        def read(c: sqlite3.Connection) -> list[Any] | None:
+            after = list(params)
+            clause = list(terms)
+            if where.before is not None:
+                row = c.execute("SELECT created_at FROM tasks WHERE id = ?",
+                                (where.before,)).fetchone()
+                if row is None:
+                    return None
+                clause.append("(created_at, id) < (?, ?)")
+                after += [row[0], where.before]
+            sql = (f"SELECT {_TASK_COLS} FROM tasks"
+                   + (f" WHERE {' AND '.join(clause)}" if clause else "")
+                   + " ORDER BY created_at DESC, id DESC LIMIT ?")
+            return c.execute(sql, (*after, limit + 1)).fetchall()
+
+        rows = await self._db.read(read)
+        if rows is None:
+            raise NotFound(f"task {where.before} does not exist (the cursor is stale)")
+        tasks = [_task(r) for r in rows[:limit]]
+        return TaskPage(tasks, tasks[-1].id if len(rows) > limit else None)
+
+    async def prune(self, finished_before: float, *, batch: int = 500,
+                    dry_run: bool = False) -> Pruned:
+        if dry_run:
+            row = await self._one(
+                f"SELECT COUNT(*), COALESCE(SUM((SELECT COUNT(*) FROM executions e"
+                f" WHERE e.task_id = t.id)), 0) FROM tasks t INDEXED BY tasks_finished"
+                f" WHERE {_PRUNABLE}",
+                (finished_before,))
+            return Pruned(int(row[0]), int(row[1]), [])
+        tasks = executions = 0
+        log_dirs: list[str] = []
+        while True:
+            # One short transaction per batch: a submit or a claim waits for one at most.
+            n_tasks, n_execs, dirs = await self._db.write_now(
+                lambda c: _prune_batch(c, finished_before, batch))
+            tasks, executions = tasks + n_tasks, executions + n_execs
+            log_dirs += dirs
+            if n_tasks < batch:
+                return Pruned(tasks, executions, log_dirs)
 
     async def claim_many(
         self, free: Mapping[str, int], balance: Balancer, executions_dir: Path, *, limit: int
@@ -491,9 +564,9 @@ class SqliteStore:
         task: dict[str, Any],
         files: Iterable[FileChange] = (),
     ) -> Finished:
-        """Record an attempt's outcome, its changed files, its day's usage and the task's next
-        state, in one transaction; returns the state the task is in after it, and what that
-        did to the tasks waiting for it.
+        """Record an attempt's outcome, its changed files and the task's next state in one
+        transaction (a trigger counts its day's usage); returns the state the task is in after
+        it, and what that did to the tasks waiting for it.
 
         A task that succeeded or failed with a reply waiting is queued again with the reply
         (its attempts start over); a cancelled one drops its waiting replies.
@@ -503,18 +576,16 @@ class SqliteStore:
             raise ValueError(f"cannot update execution fields {sorted(unknown)}")
         now = self._clock()
         values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
-        finished_at = float(values.setdefault("finished_at", now))
+        values.setdefault("finished_at", now)
         sets = ", ".join(f"{k} = ?" for k in values)
         task_sql = self._task_update(task_id, task)
         state = TaskState(task["state"]) if "state" in task else None
         changed = [(execution_id, f.path, f.insertions, f.deletions) for f in files]
-        day = time.strftime("%Y-%m-%d", time.localtime(finished_at))
 
         def write(c: sqlite3.Connection) -> Finished:
             c.execute(f"UPDATE executions SET {sets} WHERE id = ?",
                       (*values.values(), execution_id))
             c.executemany("INSERT OR REPLACE INTO execution_files VALUES (?, ?, ?, ?)", changed)
-            c.execute(_COUNT_USAGE, (day, execution_id))
             c.execute(*task_sql)
             after = state
             if state in (TaskState.SUCCEEDED, TaskState.FAILED):
@@ -619,29 +690,34 @@ class SqliteStore:
         """Executions, cost and tokens per day, agent or model, from ``since`` on."""
         column = {"day": "day", "agent": "agent", "model": "model"}[by]
         rows = await self._all(
-            f"SELECT {column}, SUM(executions), SUM(cost_usd), SUM(tokens_in), SUM(tokens_out)"
-            f" FROM usage_daily WHERE day >= ? GROUP BY {column} ORDER BY {column}",
-            (since or "0000-00-00",))
+            f"SELECT {column}, SUM(executions), SUM(cost_usd), SUM(cost_estimated_usd),"
+            f" SUM(tokens_in), SUM(tokens_out) FROM usage_daily WHERE day >= ?"
+            f" GROUP BY {column} ORDER BY {column}", (since or "0000-00-00",))
         return [{by: key, "executions": n, "cost_usd": round(cost or 0.0, 6),
+                 "cost_estimated_usd": round(estimated or 0.0, 6),
                  "tokens_in": tin or 0, "tokens_out": tout or 0}
-                for key, n, cost, tin, tout in rows]
+                for key, n, cost, estimated, tin, tout in rows]
 
     async def stats(self) -> dict[str, Any]:
+        """Tasks per state and executions per agent, from the counters the triggers keep."""
+
+        def read(c: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            states = c.execute("SELECT state, tasks FROM task_counts").fetchall()
+            agents = c.execute(
+                "SELECT agent, SUM(executions), SUM(succeeded), SUM(failed), SUM(rate_limited),"
+                " SUM(cost_usd), SUM(cost_estimated_usd), SUM(tokens_in), SUM(tokens_out),"
+                " SUM(duration_ms) FROM usage_daily GROUP BY agent ORDER BY agent").fetchall()
+            return states, agents
+
+        states, rows = await self._db.read(read)
         by_state = {str(s): 0 for s in TaskState}
-        for state, count in await self._all("SELECT state, COUNT(*) FROM tasks GROUP BY state"):
-            by_state[state] = count
-        agents = {}
-        for row in await self._all(
-            "SELECT agent, COUNT(*), SUM(status = 'succeeded'), SUM(status = 'failed'),"
-            " SUM(status = 'rate_limited'), COALESCE(SUM(cost_usd), 0),"
-            " COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0),"
-            " AVG(CASE WHEN finished_at IS NOT NULL THEN (finished_at - started_at) * 1000 END)"
-            " FROM executions GROUP BY agent ORDER BY agent"
-        ):
-            agents[row[0]] = {
-                "executions": row[1], "succeeded": row[2] or 0, "failed": row[3] or 0,
-                "rate_limited": row[4] or 0, "cost_usd": round(row[5], 6),
-                "tokens_in": row[6], "tokens_out": row[7],
-                "avg_duration_ms": None if row[8] is None else int(row[8]),
-            }
+        by_state.update({state: count for state, count in states if count})
+        agents = {
+            row[0]: {
+                "executions": row[1], "succeeded": row[2], "failed": row[3],
+                "rate_limited": row[4], "cost_usd": round(row[5], 6),
+                "cost_estimated_usd": round(row[6], 6), "tokens_in": row[7],
+                "tokens_out": row[8],
+                "avg_duration_ms": int(row[9] / row[1]) if row[1] else None,
+            } for row in rows}
         return {"tasks": by_state, "agents": agents}

@@ -1,0 +1,56 @@
+"""Finished logs are kept compressed: ``stdout.log`` becomes ``stdout.log.gz`` once its run ended.
+
+A log is written plain while its run goes on (``logs -f`` reads it as it grows), then the pool
+compresses it. Readers never need to know which form they find: :func:`open_log` opens either.
+The switch is safe against a reader at any moment: the compressed file is complete and renamed
+into place before the plain one is unlinked, and a reader holding the plain file open reads it
+to its end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import shutil
+from pathlib import Path
+
+GZ_SUFFIX = ".gz"
+
+
+def open_log(path: Path) -> io.BufferedIOBase:
+    """``path`` or, once compressed, ``path.gz``, as a binary file of the plain bytes.
+
+    Raises FileNotFoundError when neither exists.
+    """
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        return gzip.open(path.with_name(path.name + GZ_SUFFIX), "rb")
+
+
+def log_exists(path: Path) -> bool:
+    return path.exists() or path.with_name(path.name + GZ_SUFFIX).exists()
+
+
+def compress(path: Path) -> bool:
+    """Replace ``path`` by ``path.gz``; False when there is nothing (left) to compress.
+
+    Blocking: run it in a thread.
+    """
+    target = path.with_name(path.name + GZ_SUFFIX)
+    partial = path.with_name(path.name + GZ_SUFFIX + ".partial")
+    try:
+        with path.open("rb") as plain:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # as private
+            with open(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb",
+                                                      compresslevel=6) as packed:
+                shutil.copyfileobj(plain, packed, 1024 * 1024)
+    except FileNotFoundError:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        return False
+    os.replace(partial, target)
+    path.unlink()
+    return True
