@@ -18,6 +18,7 @@ ORDER = [
     "server",
     "schedule",
     "notify",
+    "retention",
     "executor",
     "workspace",
     "llm",
@@ -29,6 +30,7 @@ ORDER = [
     "models",
     "retry",
     "errors",
+    "corral",  # the package itself: its version, nothing else
 ]
 ALLOWED_SAME_LEVEL: set[tuple[str, str]] = set()
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral import __version__
 from corral.paths import client_socket_path
 from corral.render import render_log, task_detail, task_table, workspace_table
 from corral.server.client import ApiError, CorralClient, DaemonUnreachable
@@ -222,6 +223,18 @@ def cmd_discard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    body = {"older_than_days": args.older_than, "dry_run": args.dry_run}
+    done = _client(args).request("POST", "/prune", body={k: v for k, v in body.items() if v})
+    if args.json:
+        _print_json(done)
+    else:
+        verb = "would remove" if done["dry_run"] else "removed"
+        print(f"{verb} {done['tasks']} tasks and {done['executions']} executions finished over"
+              f" {done['older_than_days']:g} days ago")
+    return EXIT_OK
+
+
 def cmd_workspaces(args: argparse.Namespace) -> int:
     data = _client(args).request("GET", "/workspaces")
     if args.json:
@@ -351,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     task_options.add_argument("--max-cost-usd", type=_positive_float,
                               help="stop the run past this cost")
     parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
@@ -405,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
     p.add_argument("--by", choices=["day", "agent", "model"], help="per group")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="from this day on (with --by)")
+    p = sub.add_parser("prune", parents=[common],
+                       help="remove old finished tasks with their executions and logs")
+    p.add_argument("--older-than", type=_positive_float, metavar="DAYS",
+                   help="finished longer ago than this (default: [daemon] keep_days)")
+    p.add_argument("--dry-run", action="store_true", help="count them, remove nothing")
     return parser
 
 
@@ -413,7 +432,7 @@ COMMANDS = {
     "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel, "retry": cmd_retry,
     "reply": cmd_reply, "diff": cmd_diff, "merge": cmd_merge, "discard": cmd_discard,
     "workspaces": cmd_workspaces, "schedule": cmd_schedule,
-    "agents": cmd_agents, "stats": cmd_stats,
+    "agents": cmd_agents, "stats": cmd_stats, "prune": cmd_prune,
 }
 
 

@@ -45,6 +45,8 @@ class DaemonSettings(_Section):
     sqlite_synchronous: str = "NORMAL"
     # "auto": uvloop when it is installed, else asyncio's own loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Finished tasks older than this many days go, with their executions and logs (0: never).
+    keep_days: float = Field(default=0.0, ge=0)
 
     @field_validator("log_level")
     @classmethod

@@ -41,6 +41,7 @@ from corral.host import procs, sandbox
 from corral.llm.client import Client
 from corral.models import ProcessIdentity
 from corral.notify import Notifier
+from corral.retention import Retention
 from corral.schedule import Scheduler
 from corral.server.app import build_app
 from corral.storage.sqlite import SqliteStore
@@ -282,7 +283,9 @@ async def running_daemon(
                     budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices,
                     known_agents=settings.agent_names())
         scheduler = Scheduler(store, pool.submit, clock=clock)
-        app = build_app(pool, store, landing, scheduler,
+        retention = Retention(store, data_dir / "executions", settings.daemon.keep_days,
+                              clock=clock)
+        app = build_app(pool, store, landing, scheduler, retention,
                         max_request_bytes=settings.daemon.max_request_bytes)
         # A handler whose client has gone is cancelled: a follower of a log stops at once.
         # Handlers that change state shield that work (server.app).
@@ -303,15 +306,24 @@ async def running_daemon(
         cleaner = asyncio.create_task(_every(CLEANUP_EVERY_S, landing.cleanup),
                                       name="corral-workspace-cleanup")
         stack.callback(cleaner.cancel)
+        # Retention runs once right away (in the background: startup never waits on history),
+        # then hourly.
+        pruner = asyncio.create_task(_every(CLEANUP_EVERY_S, retention.keep, first_s=0.0),
+                                     name="corral-retention")
+        stack.callback(pruner.cancel)
         log.info("corral serving on %s with agents %s", socket_path,
                  ", ".join(agents.runners) or "none")
         yield pool
 
 
-async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
-    """Run ``job`` every ``seconds`` until cancelled; a failure is logged, not fatal."""
+async def _every(seconds: float, job: Callable[[], Awaitable[object]], *,
+                 first_s: float | None = None) -> None:
+    """Run ``job`` every ``seconds`` (the first time after ``first_s``, default ``seconds``)
+    until cancelled; a failure is logged, not fatal."""
+    wait_s = seconds if first_s is None else first_s
     while True:
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(wait_s)
+        wait_s = seconds
         try:
             await job()
         except Exception:

@@ -27,6 +27,7 @@ from corral.executor.pool import Pool
 from corral.executor.runner import STDERR_LOG, STDOUT_LOG
 from corral.host.peercred import peer_uid as socket_peer_uid
 from corral.models import Execution, Task
+from corral.retention import PruneReport, Retention
 from corral.schedule import Scheduler
 from corral.server.openapi import Route, openapi_spec
 from corral.server.schemas import (
@@ -34,6 +35,7 @@ from corral.server.schemas import (
     ListQuery,
     LogQuery,
     MergeRequest,
+    PruneRequest,
     ReplyCreate,
     ScheduleCreate,
     StatsQuery,
@@ -51,6 +53,7 @@ POOL_KEY = web.AppKey("pool", Pool)
 STORE_KEY = web.AppKey("store", Store)
 LANDING_KEY = web.AppKey("landing", Landing)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
+RETENTION_KEY = web.AppKey("retention", Retention)
 SPEC_KEY = web.AppKey("openapi", dict)
 _READ_CHUNK_BYTES = 256 * 1024
 
@@ -185,6 +188,13 @@ async def merge_task(request: web.Request) -> web.Response:
 async def discard_task(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.shield(
         request.app[LANDING_KEY].discard(_task_id(request))))
+
+
+async def prune(request: web.Request) -> web.Response:
+    spec: PruneRequest = await _body(request, PruneRequest)
+    report = await asyncio.shield(request.app[RETENTION_KEY].prune(spec.older_than_days,
+                                                                   dry_run=spec.dry_run))
+    return web.json_response(report.to_dict())
 
 
 async def add_schedule(request: web.Request) -> web.Response:
@@ -361,6 +371,10 @@ ROUTES = (
           "Schedules, with their last and next firing."),
     Route("DELETE", "/schedules/{schedule_id}", remove_schedule, "removeSchedule",
           "Remove a schedule (its tasks stay).", errors=(404,)),
+    Route("POST", "/prune", prune, "prune",
+          "Remove finished tasks older than older_than_days (else [daemon] keep_days) with"
+          " their executions and logs; what was spent stays in the usage counters.",
+          body=PruneRequest, response=PruneReport, errors=(400,)),
     Route("GET", "/workspaces", workspaces, "workspaces",
           "Each workspace: task, branch, state, ahead/behind, disk use."),
     Route("GET", "/tasks/{task_id}/log", task_log, "taskLog",
@@ -376,13 +390,15 @@ ROUTES = (
 
 
 def build_app(
-    pool: Pool, store: Store, landing: Landing, scheduler: Scheduler, *, max_request_bytes: int
+    pool: Pool, store: Store, landing: Landing, scheduler: Scheduler, retention: Retention, *,
+    max_request_bytes: int,
 ) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[api_middleware])
     app[POOL_KEY] = pool
     app[STORE_KEY] = store
     app[LANDING_KEY] = landing
     app[SCHEDULER_KEY] = scheduler
+    app[RETENTION_KEY] = retention
     app[SPEC_KEY] = openapi_spec(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -120,6 +120,17 @@ class MergeRequest(BaseModel):
     squash: bool = False
 
 
+class PruneRequest(BaseModel):
+    """The body of ``POST /prune``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    older_than_days: float | None = Field(default=None, gt=0, description="Finished tasks"
+                                          " last changed longer ago go; default [daemon]"
+                                          " keep_days.")
+    dry_run: bool = Field(default=False, description="Count them, remove nothing.")
+
+
 class _Query(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

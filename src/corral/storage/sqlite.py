@@ -470,7 +470,8 @@ class SqliteStore:
 
     async def unclassified(self) -> list[Task]:
         rows = await self._all(
-            f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND agent IS NULL ORDER BY id"
+            f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND agent IS NULL"
+            " ORDER BY created_at, id"
         )
         return [_task(r) for r in rows]
 

@@ -64,6 +64,12 @@ CREATE INDEX tasks_state_created ON tasks (state, created_at);
 CREATE INDEX tasks_agent_created ON tasks (agent, created_at);
 -- Retention: finished tasks by when they finished.
 CREATE INDEX tasks_finished ON tasks (updated_at) WHERE state IN ('succeeded', 'failed', 'cancelled');
+-- Replies by task, taken or not (pruning deletes them with their task).
+DROP INDEX replies_waiting;
+CREATE INDEX replies_task ON replies (task_id, id);
+-- What waits for a task, in order, without a sort.
+DROP INDEX task_deps_dependents;
+CREATE INDEX task_deps_dependents ON task_deps (depends_on, task_id);
 -- Startup recovery reads only what is running; the status index over all history goes.
 DROP INDEX executions_status;
 CREATE INDEX executions_running ON executions (id) WHERE status = 'running';
