@@ -16,6 +16,7 @@ import pytest
 from bench.bigstore import build
 
 from corral.config import DaemonSettings, LocalModelSettings, Settings
+from corral.executor.logfiles import COMPRESS_FROM_BYTES, compress, open_log, worth_compressing
 from corral.executor.pool import balance
 from corral.models import TaskState
 from corral.storage.base import TaskFilter
@@ -257,11 +258,26 @@ async def test_keep_days_prunes_in_the_background_from_startup(
     assert status == 200
 
 
+def test_a_log_is_compressed_only_when_it_is_worth_it_and_reads_the_same(tmp_path: Path) -> None:
+    small, big = tmp_path / "small.log", tmp_path / "big.log"
+    small.write_bytes(b'{"type": "result"}\n')
+    big.write_bytes(b'{"type": "stream_event"}\n' * (COMPRESS_FROM_BYTES // 10))
+    assert not worth_compressing(small) and worth_compressing(big)
+    assert not worth_compressing(tmp_path / "gone.log")
+    before = big.read_bytes()
+    assert compress(big) and not big.exists()
+    assert big.with_name("big.log.gz").stat().st_size < len(before) // 20
+    with open_log(big) as fh:
+        assert fh.read() == before
+    assert not compress(big)  # already done: nothing left to compress
+
+
 async def test_a_finished_log_is_compressed_and_read_the_same_by_logs_and_a_reply(
     make_settings: MakeSettings, fake_openai: MakeFake, daemon: StartDaemon, tmp_path: Path,
 ) -> None:
     fake = await fake_openai()
-    fake.push(Reply(text="the first answer"))
+    first_answer = "the first answer, at length:" + " word" * 15_000  # big enough to compress
+    fake.push(Reply(text=first_answer))
     _, api = await daemon(settings_on(make_settings, fake, tmp_path / "data"))
     task = await api.wait((await api.submit(prompt="first", agent="local"))["id"])
     folder = Path(task["executions"][0]["log_dir"])
@@ -274,13 +290,13 @@ async def test_a_finished_log_is_compressed_and_read_the_same_by_logs_and_a_repl
     code, out, err = await cli("logs", str(task["id"]), "--raw", socket=api.socket_path)
     assert code == 0, err
     events = [json.loads(line) for line in out.splitlines()]
-    assert events[-1]["type"] == "result" and events[-1]["result"] == "the first answer"
+    assert events[-1]["type"] == "result" and events[-1]["result"] == first_answer
     code, out, err = await cli("logs", str(task["id"]), socket=api.socket_path)
-    assert code == 0 and "the first answer" in out
+    assert code == 0 and "the first answer, at length" in out
     # A reply reads the earlier turns back from the compressed log.
     fake.push(Reply(text="the second answer"))
     code, out, err = await cli("reply", str(task["id"]), "and then?", "--wait",
                                socket=api.socket_path)
     assert code == 0, err
     sent = fake.requests[-1]["body"]["messages"]
-    assert [m["content"] for m in sent] == ["first", "the first answer", "and then?"]
+    assert [m["content"] for m in sent] == ["first", first_answer, "and then?"]

@@ -565,6 +565,9 @@ class Pool:
 
     def _compress_later(self, log_path: Path) -> None:
         """The finished log compressed off the event loop; its readers take either form."""
+        if not logfiles.worth_compressing(log_path):  # one stat of a file just written
+            return
+
         async def compress_it() -> None:
             try:
                 await asyncio.to_thread(logfiles.compress, log_path)
