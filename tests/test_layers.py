@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "corral"
 # Each layer may import only from the layers listed after it.
 ORDER = [
     "cli",
+    "mcp",
     "daemon",
     "server",
     "schedule",
@@ -73,6 +74,14 @@ def test_imports_only_go_down(name: str, path: Path) -> None:
         if theirs == mine or (mine, theirs) in ALLOWED_SAME_LEVEL:
             continue
         assert ORDER.index(theirs) > ORDER.index(mine), f"{name} imports {target} (upwards)"
+
+
+def test_the_mcp_server_does_not_load_the_daemon() -> None:
+    code = ("import sys, corral.mcp; heavy = [m for m in ('aiohttp', 'sqlite3', 'corral.daemon',"
+            " 'corral.executor', 'corral.storage', 'corral.config') if m in sys.modules];"
+            " print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
 
 
 def test_client_commands_do_not_load_the_daemon() -> None:

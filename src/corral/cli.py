@@ -235,6 +235,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from corral.mcp import serve_stdio  # the SDK loads only for this command
+
+    asyncio.run(serve_stdio(str(client_socket_path(args.socket, args.config))))
+    return EXIT_OK
+
+
 def cmd_workspaces(args: argparse.Namespace) -> int:
     data = _client(args).request("GET", "/workspaces")
     if args.json:
@@ -419,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
     p.add_argument("--by", choices=["day", "agent", "model"], help="per group")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="from this day on (with --by)")
+    sub.add_parser("mcp", parents=[common],
+                   help="serve the Model Context Protocol on stdio (claude mcp add corral --"
+                   " corral mcp)")
     p = sub.add_parser("prune", parents=[common],
                        help="remove old finished tasks with their executions and logs")
     p.add_argument("--older-than", type=_positive_float, metavar="DAYS",
@@ -433,6 +445,7 @@ COMMANDS = {
     "reply": cmd_reply, "diff": cmd_diff, "merge": cmd_merge, "discard": cmd_discard,
     "workspaces": cmd_workspaces, "schedule": cmd_schedule,
     "agents": cmd_agents, "stats": cmd_stats, "prune": cmd_prune,
+    "mcp": cmd_mcp,
 }
 
 
