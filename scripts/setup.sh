@@ -69,6 +69,11 @@ if [ "$with_tests" = 1 ]; then
     say "installing the claude, gemini and codex CLIs into .peers/ (npm ci)"
     (cd .peers && npm ci --no-audit --no-fund --loglevel=error >&2)
   fi
+  # The dashboard's tests drive Debian's chromium through playwright (never a downloaded browser).
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium (apt), the dashboard tests' browser"
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  fi
   # aider, the tests' CLI configured under [agents]: it pins its own litellm and more, so it
   # gets a venv of its own.
   aider=.peers/venvs/aider

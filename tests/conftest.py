@@ -30,6 +30,7 @@ from corral.config import (
     LocalModelSettings,
     PoolSettings,
     Settings,
+    UiSettings,
 )
 from corral.daemon import running_daemon
 from corral.executor.pool import Pool
@@ -203,6 +204,7 @@ def make_settings(
             "codex": CodexSettings(enabled=False),
             "local_model": LocalModelSettings(),
             "classifier": ClassifierSettings(),
+            "ui": UiSettings(port=0),  # a free port: daemons of tests never collide
         }
         base.update(sections)
         return Settings(**base)

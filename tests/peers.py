@@ -63,3 +63,10 @@ def smollm2_model() -> Path:
 def aider_bin() -> Path:
     return require(ROOT / ".peers" / "venvs" / "aider" / "bin" / "aider",
                    "aider (PyPI aider-chat, in .peers/venvs/aider)")
+
+
+def chromium_bin() -> Path:
+    import shutil
+
+    found = shutil.which("chromium")
+    return require(Path(found) if found else None, "chromium (Debian's chromium package, apt)")

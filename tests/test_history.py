@@ -118,6 +118,7 @@ async def test_every_read_and_write_of_the_api_walks_an_index(
             await store.list_tasks(where, limit=20)
         await store.get_task(1500, with_executions=True)
         await store.executions_for(1500)
+        await store.execution_totals(range(1400, 1600))
         await store.stats()
         for by in ("day", "agent", "model"):
             await store.usage(by, since="2026-01-01")

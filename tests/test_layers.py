@@ -16,6 +16,7 @@ ORDER = [
     "cli",
     "mcp",
     "daemon",
+    "ui",
     "server",
     "schedule",
     "notify",

@@ -235,6 +235,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    status = _client(args).request("GET", "/ui")
+    if not status.get("url"):
+        print(f"corral: the dashboard is not serving: {status.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        _print_json({"url": status["url"]})
+    else:
+        print(status["url"])
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(status["url"])
+    return EXIT_OK
+
+
 def cmd_mcp(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -428,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
     p.add_argument("--by", choices=["day", "agent", "model"], help="per group")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="from this day on (with --by)")
+    p = sub.add_parser("ui", parents=[common], help="the dashboard's URL, with its token")
+    p.add_argument("--open", action="store_true", help="open it in a browser")
     sub.add_parser("mcp", parents=[common],
                    help="serve the Model Context Protocol on stdio (claude mcp add corral --"
                    " corral mcp)")
@@ -445,7 +463,7 @@ COMMANDS = {
     "reply": cmd_reply, "diff": cmd_diff, "merge": cmd_merge, "discard": cmd_discard,
     "workspaces": cmd_workspaces, "schedule": cmd_schedule,
     "agents": cmd_agents, "stats": cmd_stats, "prune": cmd_prune,
-    "mcp": cmd_mcp,
+    "mcp": cmd_mcp, "ui": cmd_ui,
 }
 
 

@@ -185,6 +185,14 @@ class LocalAgentSettings(_Section):
     sandbox: Literal["auto", "none", "required"] = "auto"
 
 
+class UiSettings(_Section):
+    """The dashboard, on TCP (the Unix socket serves the CLI)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # anything but loopback is logged as a warning
+    port: int = Field(default=8765, ge=0, le=65535)  # 0: a free one
+
+
 class ClassifierSettings(_Section):
     enabled: bool = True
     default_agent: str = "local"  # a built-in agent or one of [agents]
@@ -315,6 +323,7 @@ class Settings(BaseSettings):
     local_model: LocalModelSettings = Field(default_factory=LocalModelSettings)
     local_agent: LocalAgentSettings = Field(default_factory=LocalAgentSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     workspace: WorkspaceSettings = Field(default_factory=WorkspaceSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     budget: BudgetSettings = Field(default_factory=BudgetSettings)

@@ -45,6 +45,7 @@ from corral.retention import Retention
 from corral.schedule import Scheduler
 from corral.server.app import build_app
 from corral.storage.sqlite import SqliteStore
+from corral.ui.app import Dashboard
 from corral.workspace.manager import Workspaces
 
 log = logging.getLogger("corral")
@@ -285,8 +286,15 @@ async def running_daemon(
         scheduler = Scheduler(store, pool.submit, clock=clock)
         retention = Retention(store, data_dir / "executions", settings.daemon.keep_days,
                               clock=clock)
-        app = build_app(pool, store, landing, scheduler, retention,
-                        max_request_bytes=settings.daemon.max_request_bytes)
+        dashboard = (Dashboard(settings.ui.host, settings.ui.port,
+                               socket_path.parent / "ui-token") if settings.ui.enabled else None)
+
+        def api() -> web.Application:  # one for the socket, one under the dashboard's /api/
+            return build_app(pool, store, landing, scheduler, retention,
+                             max_request_bytes=settings.daemon.max_request_bytes,
+                             ui_status=dashboard.status if dashboard else None)
+
+        app = api()
         # A handler whose client has gone is cancelled: a follower of a log stops at once.
         # Handlers that change state shield that work (server.app).
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -303,6 +311,9 @@ async def running_daemon(
         site = web.UnixSite(runner, str(socket_path), backlog=4096)
         await site.start()
         os.chmod(socket_path, 0o600)
+        if dashboard is not None:
+            stack.push_async_callback(dashboard.close)  # stops before the pool on the way out
+            await dashboard.start(api(), pool, store, landing)
         cleaner = asyncio.create_task(_every(CLEANUP_EVERY_S, landing.cleanup),
                                       name="corral-workspace-cleanup")
         stack.callback(cleaner.cancel)

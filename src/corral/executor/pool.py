@@ -38,7 +38,7 @@ from corral.executor.runner import (
     make_folders,
 )
 from corral.executor.streamjson import ChangeStat
-from corral.executor.watch import Watchers
+from corral.executor.watch import Feed, Watchers
 from corral.models import (
     AUTO,
     KNOWN_AGENTS,
@@ -146,6 +146,7 @@ class Pool:
         self._watchers = Watchers()
         self._classify_sem = asyncio.Semaphore(CLASSIFY_CONCURRENCY)
         self._classifying: set[asyncio.Task[None]] = set()
+        self.task_changes = Feed()  # task ids, for the dashboard's live views
         self._compressing: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._accepting = False
@@ -256,6 +257,7 @@ class Pool:
             timeout_s=timeout_s, isolate=isolate, base_ref=base_ref, workspace=plan,
             after=after, max_cost_usd=max_cost_usd, schedule_id=schedule_id,
         )
+        self._changed(task.id)
         if pinned:
             self.wake()
         else:
@@ -335,6 +337,7 @@ class Pool:
         task = await self.store.add_reply(task_id, prompt,
                                           agent=agent if agent in self.agents else None)
         task.executions = earlier
+        self._changed(task_id)
         if task.agent is None:
             self._classify_later(task)
         self.wake()
@@ -345,6 +348,7 @@ class Pool:
         which stay cancelled."""
         task, cancelled = await self.store.requeue(task_id)
         task.executions = await self.store.executions_for(task_id)
+        self._changed(task_id)
         if task.agent is None:
             self._classify_later(task)
         self.wake()
@@ -365,18 +369,24 @@ class Pool:
         return task
 
     def _finalised(self, task_id: int) -> None:
-        self._watchers.notify(("task", task_id))
+        self._changed(task_id)
         if self.on_final is not None:
             self.on_final(task_id)
 
     def _settle(self, task_id: int, done: Finished) -> None:
         """Tell whoever waits: the task, and the dependents its end unblocked or cancelled."""
-        if done.state.final:
-            self._finalised(task_id)
-        for dependent, state in done.dependents.items():
+        for changed, state in ((task_id, done.state), *done.dependents.items()):
             if state.final:
-                self._finalised(dependent)
+                self._finalised(changed)
+            else:
+                self._changed(changed)  # queued again, or released from blocked
         self.wake()
+
+    def _changed(self, task_id: int) -> None:
+        """The task changed (created, classified, started, ended, queued again): wake whoever
+        waits on it and tell the live views."""
+        self._watchers.notify(("task", task_id))
+        self.task_changes.publish(task_id)
 
     def watch_task(self, task_id: int) -> contextlib.AbstractContextManager[asyncio.Event]:
         """An event set whenever the task starts an execution or reaches a final state."""
@@ -452,6 +462,7 @@ class Pool:
             await self.store.set_classification(
                 task.id, agent=agent, model=task.requested_model or decision_model, reason=reason
             )
+        self._changed(task.id)
         self.wake()
 
     async def _fail_unplaceable(self, task: Task) -> None:
@@ -505,7 +516,7 @@ class Pool:
                 self._running_executions.add(execution.id)
                 slot.running += 1
                 job.worker = asyncio.create_task(self._run(job), name=f"corral-task-{task.id}")
-                self._watchers.notify(("task", task.id))
+                self._changed(task.id)
             if len(claim.tasks) < room:
                 break
         return ready_at

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ STORE_KEY = web.AppKey("store", Store)
 LANDING_KEY = web.AppKey("landing", Landing)
 SCHEDULER_KEY = web.AppKey("scheduler", Scheduler)
 RETENTION_KEY = web.AppKey("retention", Retention)
+UI_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("ui")
 SPEC_KEY = web.AppKey("openapi", dict)
 _READ_CHUNK_BYTES = 256 * 1024
 
@@ -188,6 +190,10 @@ async def merge_task(request: web.Request) -> web.Response:
 async def discard_task(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.shield(
         request.app[LANDING_KEY].discard(_task_id(request))))
+
+
+async def ui(request: web.Request) -> web.Response:
+    return web.json_response(request.app[UI_KEY]())
 
 
 async def prune(request: web.Request) -> web.Response:
@@ -371,6 +377,9 @@ ROUTES = (
           "Schedules, with their last and next firing."),
     Route("DELETE", "/schedules/{schedule_id}", remove_schedule, "removeSchedule",
           "Remove a schedule (its tasks stay).", errors=(404,)),
+    Route("GET", "/ui", ui, "ui",
+          "The dashboard's URL with its token (the socket is its owner's alone), or why it is"
+          " off."),
     Route("POST", "/prune", prune, "prune",
           "Remove finished tasks older than older_than_days (else [daemon] keep_days) with"
           " their executions and logs; what was spent stays in the usage counters.",
@@ -391,7 +400,7 @@ ROUTES = (
 
 def build_app(
     pool: Pool, store: Store, landing: Landing, scheduler: Scheduler, retention: Retention, *,
-    max_request_bytes: int,
+    max_request_bytes: int, ui_status: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes, middlewares=[api_middleware])
     app[POOL_KEY] = pool
@@ -399,6 +408,8 @@ def build_app(
     app[LANDING_KEY] = landing
     app[SCHEDULER_KEY] = scheduler
     app[RETENTION_KEY] = retention
+    app[UI_KEY] = ui_status or (lambda: {"enabled": False, "url": None,
+                                         "error": "[ui] enabled is false"})
     app[SPEC_KEY] = openapi_spec(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -113,6 +113,11 @@ class Store(Protocol):
         """A page of tasks; a cursor naming no task is a NotFound."""
         ...
 
+    async def execution_totals(self, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Per task: executions, cost, tokens, duration and changes summed over its
+        executions (tasks without any are left out)."""
+        ...
+
     async def prune(self, finished_before: float, *, batch: int = 500,
                     dry_run: bool = False) -> Pruned:
         """Delete finished tasks last changed before ``finished_before``, with everything of

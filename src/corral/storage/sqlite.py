@@ -400,6 +400,17 @@ class SqliteStore:
         tasks = [_task(r) for r in rows[:limit]]
         return TaskPage(tasks, tasks[-1].id if len(rows) > limit else None)
 
+    async def execution_totals(self, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        rows = await self._all(
+            "SELECT task_id, COUNT(*), SUM(cost_usd), SUM(tokens_in), SUM(tokens_out),"
+            " CAST(SUM((finished_at - started_at) * 1000) AS INTEGER), SUM(files_changed),"
+            " SUM(insertions), SUM(deletions) FROM executions"
+            " WHERE task_id IN (SELECT value FROM json_each(?)) GROUP BY task_id",
+            (json.dumps(list(task_ids)),))
+        return {r[0]: {"executions": r[1], "cost_usd": r[2], "tokens_in": r[3],
+                       "tokens_out": r[4], "duration_ms": r[5], "files_changed": r[6],
+                       "insertions": r[7], "deletions": r[8]} for r in rows}
+
     async def prune(self, finished_before: float, *, batch: int = 500,
                     dry_run: bool = False) -> Pruned:
         if dry_run:
