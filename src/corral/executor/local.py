@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from corral.config import Price
 from corral.errors import LLMError, RateLimitError
@@ -21,6 +22,8 @@ from corral.executor.agent.tools import BashLimits, Toolbox
 from corral.executor.runner import RunRequest, RunResult, RunStatus, open_envelope
 from corral.executor.streamjson import EnvelopeWriter, new_message_id, new_session_id, trim
 from corral.llm.client import ChatRequest, ChatResponse, Client, Message
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,25 +97,34 @@ class LocalRunner:
                 messages=[*turns, Message("user", request.prompt)],
                 temperature=self.temperature, max_tokens=self.max_tokens,
             )
-            try:
-                async with asyncio.timeout(timeout_s):
-                    response = await self.client.chat_stream(chat, writer.text_delta, model=model)
-            except TimeoutError:
-                return self._failed(writer, session_id, started, RunStatus.TIMED_OUT,
-                                    f"local model timed out after {timeout_s:g}s")
-            except RateLimitError as exc:
-                result = self._failed(writer, session_id, started, RunStatus.RATE_LIMITED,
-                                      exc.message)
-                result.retry_after_s = exc.retry_after_s
-                return result
-            except LLMError as exc:
-                result = self._failed(writer, session_id, started, RunStatus.FAILED, exc.message)
-                result.retryable = exc.retryable or exc.status is None or exc.status >= 500
-                return result
-            except asyncio.CancelledError:
-                self._failed(writer, session_id, started, RunStatus.FAILED, "cancelled")
-                raise
+            response = await self._bounded(
+                self.client.chat_stream(chat, writer.text_delta, model=model), "local model",
+                writer, session_id, started, timeout_s)
+            if isinstance(response, RunResult):
+                return response
             return self._succeeded(writer, session_id, started, response, model)
+
+    async def _bounded(self, work: Awaitable[T], what: str, writer: EnvelopeWriter,
+                       session_id: str, started: float, timeout_s: float) -> T | RunResult:
+        """``work`` within the run's timeout; how it failed, if it did, as the run's result."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await work
+        except TimeoutError:
+            return self._failed(writer, session_id, started, RunStatus.TIMED_OUT,
+                                f"{what} timed out after {timeout_s:g}s")
+        except RateLimitError as exc:
+            result = self._failed(writer, session_id, started, RunStatus.RATE_LIMITED,
+                                  exc.message)
+            result.retry_after_s = exc.retry_after_s
+            return result
+        except LLMError as exc:
+            result = self._failed(writer, session_id, started, RunStatus.FAILED, exc.message)
+            result.retryable = exc.retryable or exc.status is None or exc.status >= 500
+            return result
+        except asyncio.CancelledError:
+            self._failed(writer, session_id, started, RunStatus.FAILED, "cancelled")
+            raise
 
     async def _run_agent(
         self, request: RunRequest, writer: EnvelopeWriter, session_id: str, started: float,
@@ -135,24 +147,10 @@ class LocalRunner:
             actions=opts.actions,
             base=ChatRequest([], temperature=self.temperature, max_tokens=self.max_tokens),
             cost=None if price is None else price.cost_usd, max_cost_usd=request.max_cost_usd)
-        try:
-            async with asyncio.timeout(timeout_s):
-                outcome = await loop.run(request.prompt, request.history)
-        except TimeoutError:
-            return self._failed(writer, session_id, started, RunStatus.TIMED_OUT,
-                                f"local agent timed out after {timeout_s:g}s")
-        except RateLimitError as exc:
-            result = self._failed(writer, session_id, started, RunStatus.RATE_LIMITED,
-                                  exc.message)
-            result.retry_after_s = exc.retry_after_s
-            return result
-        except LLMError as exc:
-            result = self._failed(writer, session_id, started, RunStatus.FAILED, exc.message)
-            result.retryable = exc.retryable or exc.status is None or exc.status >= 500
-            return result
-        except asyncio.CancelledError:
-            self._failed(writer, session_id, started, RunStatus.FAILED, "cancelled")
-            raise
+        outcome = await self._bounded(loop.run(request.prompt, request.history), "local agent",
+                                      writer, session_id, started, timeout_s)
+        if isinstance(outcome, RunResult):
+            return outcome
         return self._agent_result(writer, session_id, started, outcome, model)
 
     def _agent_result(self, writer: EnvelopeWriter, session_id: str, started: float,
