@@ -239,7 +239,7 @@ async def test_the_queue_reads_use_their_indexes(store: SqliteStore) -> None:
         rows = sql(store.path, f"EXPLAIN QUERY PLAN {statement}", params)
         return " | ".join(str(r[-1]) for r in rows)
 
-    claim = plan(claim_sql(2), (1.0, "local", "claude"))
+    claim = plan(claim_sql(2), (1.0, "node-a", "local", "claude"))
     assert "USING INDEX tasks_queue" in claim and "TEMP B-TREE" not in claim, claim
     ready = plan(NEXT_READY_SQL, (1.0,))
     assert "tasks_delayed" in ready and "SCAN tasks" not in ready.replace(

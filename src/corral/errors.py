@@ -55,6 +55,13 @@ class PayloadTooLarge(BadRequest):
     http_status = 413
 
 
+class StoreUnavailable(CorralError):
+    """The store cannot be reached (a wrong URL, refused connection, bad credentials)."""
+
+    code = "store_unavailable"
+    http_status = 503
+
+
 class ShuttingDown(CorralError):
     code = "shutting_down"
     http_status = 503

@@ -95,6 +95,8 @@ class Task:
     current_prompt: str | None = None
     max_cost_usd: float | None = None
     schedule_id: int | None = None
+    # The node whose daemon may run it (paths are host-local); None: any node.
+    node: str | None = None
     depends_on: list[int] = field(default_factory=list)  # what it waits for
     dependents: list[int] = field(default_factory=list)  # what waits for it
     rate_limit_requeues: int = 0
@@ -139,6 +141,7 @@ class Execution:
     commit: str | None = None  # the commit on the task's branch that records what it changed
     resumed_session: str | None = None  # the agent session it continued, if any
     actions: str | None = None  # the local model: text, tools or schema
+    node_id: str | None = None  # the daemon that ran it
     files: list[FileChange] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,14 +14,13 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from corral.errors import Conflict, NotFound
 from corral.models import (
-    ExecStatus,
     Execution,
     FileChange,
     ProcessIdentity,
@@ -30,7 +29,7 @@ from corral.models import (
     TaskState,
     Workspace,
 )
-from corral.storage import dependencies
+from corral.storage import dependencies, rows
 from corral.storage.base import (
     EVERY_TASK,
     Balancer,
@@ -43,65 +42,20 @@ from corral.storage.base import (
 )
 from corral.storage.engine import Database, transaction
 
-_TASK_COLS = (
-    "id, prompt, requested_agent, requested_model, agent, model, pinned, classifier_reason,"
-    " workdir, priority, state, attempts, max_retries, timeout_s, error, rate_limit_requeues,"
-    " run_after, created_at, updated_at, isolate, base_ref, ws_repo, ws_path, ws_branch,"
-    " ws_base_commit, ws_subdir, ws_state, current_prompt, ws_base_branch, max_cost_usd,"
-    " schedule_id"
-)
-_EXEC_COLS = (
-    "id, task_id, agent, model, status, started_at, finished_at, exit_code, error, session_id,"
-    " summary, cost_usd, tokens_in, tokens_out, files_changed, insertions, deletions,"
-    " log_dir, pgid, prompt, commit_sha, resumed_session, actions, cost_estimated"
-)
+_TASK_COLS = rows.TASK_COLS
+_EXEC_COLS = rows.EXEC_COLS
+_task = rows.task
+_execution = rows.execution
 _INSERT_TASK = (
     "INSERT INTO tasks (prompt, requested_agent, requested_model, agent, model, pinned,"
     " classifier_reason, workdir, priority, max_retries, timeout_s, isolate, base_ref,"
-    " max_cost_usd, schedule_id, state, error, created_at, updated_at)"
-    f" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING {_TASK_COLS}"
+    " max_cost_usd, schedule_id, node, state, error, created_at, updated_at)"
+    f" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING {_TASK_COLS}"
 )
 _SET_WORKSPACE = (
     "UPDATE tasks SET ws_repo = ?, ws_path = ?, ws_branch = ?, ws_base_commit = ?,"
     " ws_subdir = ?, ws_state = ?, ws_base_branch = ?, updated_at = ? WHERE id = ?"
 )
-EXEC_RESULT_FIELDS = frozenset({
-    "status", "finished_at", "exit_code", "error", "session_id", "summary", "cost_usd",
-    "tokens_in", "tokens_out", "files_changed", "insertions", "deletions", "pgid", "model",
-    "commit_sha", "resumed_session", "actions", "cost_estimated",
-})
-TASK_UPDATE_FIELDS = frozenset({
-    "state", "attempts", "error", "run_after", "agent", "model", "classifier_reason",
-    "rate_limit_requeues", "current_prompt", "pinned",
-})
-_FINAL = ("succeeded", "failed", "cancelled")
-
-
-def _task(row: Sequence[Any]) -> Task:
-    return Task(
-        id=row[0], prompt=row[1], requested_agent=row[2], requested_model=row[3], agent=row[4],
-        model=row[5], pinned=bool(row[6]), classifier_reason=row[7], workdir=row[8],
-        priority=row[9], state=TaskState(row[10]), attempts=row[11], max_retries=row[12],
-        timeout_s=row[13], error=row[14], rate_limit_requeues=row[15], run_after=row[16],
-        created_at=row[17], updated_at=row[18], isolate=bool(row[19]), base_ref=row[20],
-        workspace=None if row[21] is None else Workspace(
-            repo=row[21], path=row[22], branch=row[23], base_commit=row[24], subdir=row[25],
-            state=row[26], base_branch=row[28]),
-        current_prompt=row[27], max_cost_usd=row[29], schedule_id=row[30],
-    )
-
-
-def _execution(row: Sequence[Any]) -> Execution:
-    return Execution(
-        id=row[0], task_id=row[1], agent=row[2], model=row[3], status=ExecStatus(row[4]),
-        started_at=row[5], finished_at=row[6], exit_code=row[7], error=row[8], session_id=row[9],
-        summary=row[10], cost_usd=row[11], tokens_in=row[12], tokens_out=row[13],
-        files_changed=row[14], insertions=row[15], deletions=row[16], log_dir=row[17],
-        pgid=row[18],
-        duration_ms=None if row[6] is None else int((row[6] - row[5]) * 1000),
-        prompt=row[19], commit=row[20], resumed_session=row[21], actions=row[22],
-        cost_estimated=bool(row[23]),
-    )
 
 
 # The terms of the partial index tasks_delayed are repeated so it applies; INDEXED BY, because
@@ -110,8 +64,8 @@ NEXT_READY_SQL = ("SELECT MIN(run_after) FROM tasks INDEXED BY tasks_delayed"
                   " WHERE state = 'queued' AND run_after > 0 AND run_after > ?")
 _NEXT_EXEC_ID = "(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'executions'), 0) + 1)"
 _INSERT_EXEC = (
-    "INSERT INTO executions (id, task_id, agent, model, status, started_at, prompt, log_dir)"
-    f" VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ?, ? || {_NEXT_EXEC_ID})"
+    "INSERT INTO executions (id, task_id, agent, model, status, started_at, prompt, log_dir,"
+    f" node_id) VALUES ({_NEXT_EXEC_ID}, ?, ?, ?, 'running', ?, ?, ? || {_NEXT_EXEC_ID}, ?)"
     f" RETURNING {_EXEC_COLS}"
 )
 
@@ -123,12 +77,8 @@ def _settled(c: sqlite3.Connection, task_id: int, state: TaskState | None,
     return Finished(state, dependencies.settle_dependents(c, task_id, state, now))
 
 
-_SCHEDULE_COLS = "id, cron, prompt, options, created_at, last_fired_at, last_task_id"
-
-
-def _schedule(row: Sequence[Any]) -> Schedule:
-    return Schedule(id=row[0], cron=row[1], prompt=row[2], options=json.loads(row[3]),
-                    created_at=row[4], last_fired_at=row[5], last_task_id=row[6])
+_SCHEDULE_COLS = rows.SCHEDULE_COLS
+_schedule = rows.schedule
 
 
 def _take_reply(c: sqlite3.Connection, task_id: int, now: float) -> TaskState | None:
@@ -152,17 +102,18 @@ def _write_workspace(c: sqlite3.Connection, task_id: int, ws: Workspace, now: fl
 def claim_sql(agent_count: int) -> str:
     """The claim's pick: walks tasks_queue in (priority, id) order and stops at the first fit."""
     return (f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= ?"
-            " AND agent IS NOT NULL"
+            " AND agent IS NOT NULL AND (node IS NULL OR node = ?)"
             f" AND (pinned = 0 OR agent IN ({','.join('?' * agent_count)}))"
             " ORDER BY priority DESC, id LIMIT 1")
 
 
 def _claim_one(
-    c: sqlite3.Connection, slots: dict[str, int], balance: Balancer, now: float, dir_prefix: str
+    c: sqlite3.Connection, slots: dict[str, int], balance: Balancer, now: float, dir_prefix: str,
+    node_id: str,
 ) -> tuple[Task, Execution] | None:
     """One claim inside an open transaction; takes a slot from ``slots``."""
     agents = sorted(slots)
-    row = c.execute(claim_sql(len(agents)), (now, *agents)).fetchone()
+    row = c.execute(claim_sql(len(agents)), (now, node_id, *agents)).fetchone()
     if row is None:
         return None
     task = _task(row)
@@ -180,7 +131,8 @@ def _claim_one(
     # The id is chosen in the statement so the folder's name needs no second write.
     execution = _execution(
         c.execute(_INSERT_EXEC, (task.id, task.agent, task.model, now,
-                                 task.current_prompt or task.prompt, dir_prefix)).fetchall()[0]
+                                 task.current_prompt or task.prompt, dir_prefix,
+                                 node_id)).fetchall()[0]
     )
     slots[chosen] -= 1
     if slots[chosen] <= 0:
@@ -242,8 +194,10 @@ class SqliteStore:
         migrate_upto: int | None = None,
         readers: int = 2,
         trace: Callable[[str], None] | None = None,
+        node_id: str = "local",
     ) -> None:
         self.path = path
+        self.node_id = node_id  # recorded on the executions it claims
         self._clock = clock
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
                             readers=readers, migrate_upto=migrate_upto, trace=trace)
@@ -294,6 +248,7 @@ class SqliteStore:
         after: Iterable[int] = (),
         max_cost_usd: float | None = None,
         schedule_id: int | None = None,
+        node: str | None = None,
     ) -> Task:
         """Store a task: queued, or blocked until every task in ``after`` has succeeded (or
         cancelled at once when one of them already failed). ``workspace`` names the task's
@@ -305,7 +260,7 @@ class SqliteStore:
             state, error = dependencies.readiness(c, waits_for)
             values = (prompt, requested_agent, requested_model, agent, model, int(pinned),
                       classifier_reason, workdir, priority, max_retries, timeout_s, int(isolate),
-                      base_ref, max_cost_usd, schedule_id, str(state), error, now, now)
+                      base_ref, max_cost_usd, schedule_id, node, str(state), error, now, now)
             task = _task(c.execute(_INSERT_TASK, values).fetchall()[0])
             dependencies.record(c, task.id, waits_for)
             task.depends_on = waits_for
@@ -322,10 +277,10 @@ class SqliteStore:
     async def workspaces(self, states: Iterable[str]) -> list[Task]:
         """Tasks whose workspace is in one of ``states``, oldest first."""
         wanted = sorted(set(states))
-        rows = await self._all(
+        found = await self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE ws_state IN ({','.join('?' * len(wanted))})"
             " ORDER BY id", wanted)
-        return [_task(r) for r in rows]
+        return [_task(r) for r in found]
 
     async def add_reply(self, task_id: int, prompt: str, *, agent: str | None) -> Task:
         """A follow-up: a finished task is queued again with it (on ``agent``, to continue its
@@ -394,22 +349,20 @@ class SqliteStore:
                    + " ORDER BY created_at DESC, id DESC LIMIT ?")
             return c.execute(sql, (*after, limit + 1)).fetchall()
 
-        rows = await self._db.read(read)
-        if rows is None:
+        found = await self._db.read(read)
+        if found is None:
             raise NotFound(f"task {where.before} does not exist (the cursor is stale)")
-        tasks = [_task(r) for r in rows[:limit]]
-        return TaskPage(tasks, tasks[-1].id if len(rows) > limit else None)
+        tasks = [_task(r) for r in found[:limit]]
+        return TaskPage(tasks, tasks[-1].id if len(found) > limit else None)
 
     async def execution_totals(self, task_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-        rows = await self._all(
+        found = await self._all(
             "SELECT task_id, COUNT(*), SUM(cost_usd), SUM(tokens_in), SUM(tokens_out),"
             " CAST(SUM((finished_at - started_at) * 1000) AS INTEGER), SUM(files_changed),"
             " SUM(insertions), SUM(deletions) FROM executions"
             " WHERE task_id IN (SELECT value FROM json_each(?)) GROUP BY task_id",
             (json.dumps(list(task_ids)),))
-        return {r[0]: {"executions": r[1], "cost_usd": r[2], "tokens_in": r[3],
-                       "tokens_out": r[4], "duration_ms": r[5], "files_changed": r[6],
-                       "insertions": r[7], "deletions": r[8]} for r in rows}
+        return rows.totals(found)
 
     async def prune(self, finished_before: float, *, batch: int = 500,
                     dry_run: bool = False) -> Pruned:
@@ -454,7 +407,7 @@ class SqliteStore:
             left = dict(slots)
             claimed: list[tuple[Task, Execution]] = []
             while left and len(claimed) < limit:
-                one = _claim_one(c, left, balance, now, prefix)
+                one = _claim_one(c, left, balance, now, prefix, self.node_id)
                 if one is None:
                     break
                 claimed.append(one)
@@ -480,11 +433,11 @@ class SqliteStore:
         )
 
     async def unclassified(self) -> list[Task]:
-        rows = await self._all(
+        found = await self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE state = 'queued' AND agent IS NULL"
             " ORDER BY created_at, id"
         )
-        return [_task(r) for r in rows]
+        return [_task(r) for r in found]
 
     async def set_classification(
         self, task_id: int, *, agent: str, model: str | None, reason: str
@@ -508,10 +461,7 @@ class SqliteStore:
         return await self._db.group.write(write)
 
     def _task_update(self, task_id: int, fields: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
-        unknown = set(fields) - TASK_UPDATE_FIELDS
-        if unknown:
-            raise ValueError(f"cannot update task fields {sorted(unknown)}")
-        fields = {k: (str(v) if isinstance(v, TaskState) else v) for k, v in fields.items()}
+        fields = rows.task_values(fields)
         sets = ", ".join(f"{k} = ?" for k in fields)
         return (f"UPDATE tasks SET {sets}, updated_at = ? WHERE id = ?",
                 (*fields.values(), self._clock(), task_id))
@@ -583,12 +533,8 @@ class SqliteStore:
         A task that succeeded or failed with a reply waiting is queued again with the reply
         (its attempts start over); a cancelled one drops its waiting replies.
         """
-        unknown = set(execution) - EXEC_RESULT_FIELDS
-        if unknown:
-            raise ValueError(f"cannot update execution fields {sorted(unknown)}")
         now = self._clock()
-        values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
-        values.setdefault("finished_at", now)
+        values = rows.result_values(execution, now)
         sets = ", ".join(f"{k} = ?" for k in values)
         task_sql = self._task_update(task_id, task)
         state = TaskState(task["state"]) if "state" in task else None
@@ -616,22 +562,22 @@ class SqliteStore:
         return _execution(row)
 
     async def executions_for(self, task_id: int) -> list[Execution]:
-        rows = await self._all(
+        found = await self._all(
             f"SELECT {_EXEC_COLS} FROM executions WHERE task_id = ? ORDER BY id", (task_id,)
         )
-        return [_execution(r) for r in rows]
+        return [_execution(r) for r in found]
 
     async def running_executions(self) -> list[Execution]:
         """Executions recorded as running (after a crash: what the dead daemon left behind)."""
-        rows = await self._all(f"SELECT {_EXEC_COLS} FROM executions WHERE status = 'running'")
-        return [_execution(r) for r in rows]
+        found = await self._all(f"SELECT {_EXEC_COLS} FROM executions WHERE status = 'running'")
+        return [_execution(r) for r in found]
 
     async def running_processes(self) -> list[ProcessIdentity]:
         """The agents' process groups recorded for executions still marked running."""
-        rows = await self._all(
+        found = await self._all(
             "SELECT pgid, proc_started, boot_id FROM executions"
             " WHERE status = 'running' AND pgid IS NOT NULL")
-        return [ProcessIdentity(pgid=r[0], started=r[1], boot_id=r[2]) for r in rows]
+        return [ProcessIdentity(pgid=r[0], started=r[1], boot_id=r[2]) for r in found]
 
     async def recover_interrupted(self) -> int:
         """After a crash: mark executions left ``running`` interrupted and requeue their tasks.
@@ -694,21 +640,18 @@ class SqliteStore:
 
     async def spend_since(self, day: str) -> dict[str, float]:
         """Recorded spend per agent from ``day`` (``YYYY-MM-DD``, local calendar) on."""
-        rows = await self._all("SELECT agent, SUM(cost_usd) FROM usage_daily WHERE day >= ?"
+        found = await self._all("SELECT agent, SUM(cost_usd) FROM usage_daily WHERE day >= ?"
                                " GROUP BY agent", (day,))
-        return {agent: float(cost or 0.0) for agent, cost in rows}
+        return {agent: float(cost or 0.0) for agent, cost in found}
 
     async def usage(self, by: str, since: str | None = None) -> list[dict[str, Any]]:
         """Executions, cost and tokens per day, agent or model, from ``since`` on."""
         column = {"day": "day", "agent": "agent", "model": "model"}[by]
-        rows = await self._all(
+        found = await self._all(
             f"SELECT {column}, SUM(executions), SUM(cost_usd), SUM(cost_estimated_usd),"
             f" SUM(tokens_in), SUM(tokens_out) FROM usage_daily WHERE day >= ?"
             f" GROUP BY {column} ORDER BY {column}", (since or "0000-00-00",))
-        return [{by: key, "executions": n, "cost_usd": round(cost or 0.0, 6),
-                 "cost_estimated_usd": round(estimated or 0.0, 6),
-                 "tokens_in": tin or 0, "tokens_out": tout or 0}
-                for key, n, cost, estimated, tin, tout in rows]
+        return rows.usage_rows(found, by)
 
     async def stats(self) -> dict[str, Any]:
         """Tasks per state and executions per agent, from the counters the triggers keep."""
@@ -721,15 +664,5 @@ class SqliteStore:
                 " SUM(duration_ms) FROM usage_daily GROUP BY agent ORDER BY agent").fetchall()
             return states, agents
 
-        states, rows = await self._db.read(read)
-        by_state = {str(s): 0 for s in TaskState}
-        by_state.update({state: count for state, count in states if count})
-        agents = {
-            row[0]: {
-                "executions": row[1], "succeeded": row[2], "failed": row[3],
-                "rate_limited": row[4], "cost_usd": round(row[5], 6),
-                "cost_estimated_usd": round(row[6], 6), "tokens_in": row[7],
-                "tokens_out": row[8],
-                "avg_duration_ms": int(row[9] / row[1]) if row[1] else None,
-            } for row in rows}
-        return {"tasks": by_state, "agents": agents}
+        states, agents = await self._db.read(read)
+        return rows.stats(states, agents)
