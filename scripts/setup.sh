@@ -74,6 +74,11 @@ if [ "$with_tests" = 1 ]; then
     say "installing chromium (apt), the dashboard tests' browser"
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
   fi
+  # The PostgreSQL store's tests make throwaway clusters with Debian's server (initdb, pg_ctl).
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    say "installing postgresql (apt), the shared store's tests' server"
+    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  fi
   # aider, the tests' CLI configured under [agents]: it pins its own litellm and more, so it
   # gets a venv of its own.
   aider=.peers/venvs/aider

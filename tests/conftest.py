@@ -34,8 +34,10 @@ from corral.config import (
 )
 from corral.daemon import running_daemon
 from corral.executor.pool import Pool
+from corral.storage.base import Store
+from corral.storage.postgres import PostgresStore
 from corral.storage.sqlite import SqliteStore
-from tests import peers
+from tests import peers, pg
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai import FakeOpenAI
@@ -170,6 +172,40 @@ def codex_settings(fake_responses: FakeResponses, codex_home: Path) -> CodexSett
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     async with SqliteStore(tmp_path / "corral.db") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.PgCluster]:
+    """One throwaway PostgreSQL server for the session; each test takes a database of its own."""
+    with pg.cluster() as made:
+        yield made
+
+
+MakeStore = Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[MakeStore]:
+    """Stores of one backend (the test runs once for each) on one queue: every store made in
+    a test shares the same SQLite file or PostgreSQL database, as daemons would."""
+    stack = contextlib.AsyncExitStack()
+    url = (await request.getfixturevalue("pg_cluster").new_database()
+           if request.param == "postgres" else None)
+    made = 0
+
+    async def make(**options: Any) -> Store:
+        nonlocal made
+        made += 1
+        if url is None:
+            options.pop("node_id", None)
+            return await stack.enter_async_context(SqliteStore(tmp_path / "corral.db", **options))
+        options.setdefault("node_id", f"node-{made}")
+        return await stack.enter_async_context(PostgresStore(url, **options))
+
+    async with stack:
+        yield make
 
 
 @pytest.fixture

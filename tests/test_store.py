@@ -1,4 +1,5 @@
-"""The SQLite store: migrations keep rows, claiming is atomic, crash recovery requeues."""
+"""The stores: claiming is atomic and in order, crash recovery requeues (both backends, through
+``make_store``); SQLite's migrations, group commit, readers and query plans."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 
 from corral.executor.pool import balance
 from corral.models import ExecStatus, Execution, Task, TaskState
+from corral.storage.base import Store
 from corral.storage.migrate import load_migrations
 from corral.storage.sqlite import SqliteStore
+from tests.conftest import MakeStore
 
 
 def sql(path: Path, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -20,7 +23,7 @@ def sql(path: Path, statement: str, params: tuple[object, ...] = ()) -> list[tup
 
 
 async def claim(
-    store: SqliteStore, free: dict[str, int], tmp: Path
+    store: Store, free: dict[str, int], tmp: Path
 ) -> tuple[Task, Execution] | None:
     claimed = (await store.claim_many(free, balance, tmp, limit=1)).tasks
     return claimed[0] if claimed else None
@@ -55,26 +58,26 @@ async def test_upgrade_from_0001_keeps_every_row(tmp_path: Path) -> None:
     assert sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
-async def test_claim_is_atomic_under_concurrency(tmp_path: Path) -> None:
-    path = tmp_path / "q.db"
-    async with SqliteStore(path) as a, SqliteStore(path) as b:
-        for i in range(40):
-            await a.create_task(f"t{i}", agent="local", pinned=True)
+async def test_claim_is_atomic_under_concurrency(make_store: MakeStore, tmp_path: Path) -> None:
+    a, b = await make_store(), await make_store()
+    for i in range(40):
+        await a.create_task(f"t{i}", agent="local", pinned=True)
 
-        async def drain(s: SqliteStore) -> list[int]:
-            got = []
-            while (claimed := await claim(s, {"local": 100}, tmp_path)):
-                got.append(claimed[0].id)
-            return got
+    async def drain(s: Store) -> list[int]:
+        got = []
+        while (claimed := await claim(s, {"local": 100}, tmp_path)):
+            got.append(claimed[0].id)
+        return got
 
-        first, second = await asyncio.gather(drain(a), drain(b))
+    first, second = await asyncio.gather(drain(a), drain(b))
     assert len(first) + len(second) == 40
     assert not set(first) & set(second)
 
 
 async def test_claim_order_priority_then_age_and_agent_filter(
-    store: SqliteStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path
 ) -> None:
+    store = await make_store()
     low = await store.create_task("low", agent="local", pinned=True)
     high = await store.create_task("high", agent="local", pinned=True, priority=5)
     other = await store.create_task("claude", agent="claude", pinned=True, priority=9)
@@ -91,8 +94,9 @@ async def test_claim_order_priority_then_age_and_agent_filter(
 
 
 async def test_claim_many_fills_each_agent_only_up_to_its_free_slots(
-    store: SqliteStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path
 ) -> None:
+    store = await make_store()
     local = [await store.create_task(f"l{i}", agent="local", pinned=True) for i in range(5)]
     claude = [await store.create_task(f"c{i}", agent="claude", pinned=True) for i in range(3)]
     auto = await store.create_task("auto", agent="claude", classifier_reason="pick claude",
@@ -133,24 +137,25 @@ async def test_a_claim_in_a_failed_shared_commit_is_redone_in_full(
     assert len(await store.running_executions()) == 3
 
 
-async def test_recover_interrupted(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "r.db") as store:
-        again = await store.create_task("again", agent="local", pinned=True, max_retries=1)
-        spent = await store.create_task("spent", agent="local", pinned=True, max_retries=0)
-        for _ in (again, spent):
-            assert await claim(store, {"local": 2}, tmp_path) is not None
-        assert len(await store.running_executions()) == 2
-        assert await store.recover_interrupted() == 2
-        assert await store.running_executions() == []
-        assert (await store.get_task(again.id)).state == TaskState.QUEUED
-        failed = await store.get_task(spent.id, with_executions=True)
-        assert failed.state == TaskState.FAILED and "out of attempts" in (failed.error or "")
-        assert failed.executions[0].status == ExecStatus.INTERRUPTED
+async def test_recover_interrupted(make_store: MakeStore, tmp_path: Path) -> None:
+    store = await make_store()
+    again = await store.create_task("again", agent="local", pinned=True, max_retries=1)
+    spent = await store.create_task("spent", agent="local", pinned=True, max_retries=0)
+    for _ in (again, spent):
+        assert await claim(store, {"local": 2}, tmp_path) is not None
+    assert len(await store.running_executions()) == 2
+    assert await store.recover_interrupted() == 2
+    assert await store.running_executions() == []
+    assert (await store.get_task(again.id)).state == TaskState.QUEUED
+    failed = await store.get_task(spent.id, with_executions=True)
+    assert failed.state == TaskState.FAILED and "out of attempts" in (failed.error or "")
+    assert failed.executions[0].status == ExecStatus.INTERRUPTED
 
 
 async def test_unpinned_tasks_are_balanced_to_the_freest_agent(
-    store: SqliteStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path
 ) -> None:
+    store = await make_store()
     task = await store.create_task("auto", agent="claude", classifier_reason="pick claude")
     claimed = await claim(store, {"claude": 1, "local": 3}, tmp_path)
     assert claimed is not None
@@ -165,8 +170,9 @@ def test_balance_prefers_free_capacity_then_the_classifier() -> None:
 
 
 async def test_tasks_pinned_to_a_vanished_agent_go_back_to_the_classifier(
-    store: SqliteStore,
+    make_store: MakeStore,
 ) -> None:
+    store = await make_store()
     stranded = await store.create_task("x", agent="claude", pinned=True)
     kept = await store.create_task("y", agent="local", pinned=True)
     assert await store.unpin_unavailable(["local", "gemini"]) == 1
@@ -219,7 +225,8 @@ async def test_reads_do_not_wait_for_a_long_write(tmp_path: Path) -> None:
         assert (await store.get_task(task.id)).priority == 5
 
 
-async def test_recorded_process_identity_round_trips(store: SqliteStore, tmp_path: Path) -> None:
+async def test_recorded_process_identity_round_trips(make_store: MakeStore, tmp_path: Path) -> None:
+    store = await make_store()
     from corral.models import ProcessIdentity
 
     await store.create_task("p", agent="local", pinned=True)
@@ -247,8 +254,9 @@ async def test_the_queue_reads_use_their_indexes(store: SqliteStore) -> None:
 
 
 async def test_a_claim_says_when_the_next_delayed_task_is_due(
-    store: SqliteStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path
 ) -> None:
+    store = await make_store()
     import time
 
     soon = await store.create_task("soon", agent="local", pinned=True)

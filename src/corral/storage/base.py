@@ -75,6 +75,8 @@ class Pruned:
 class Store(Protocol):
     """Tasks and executions; every method is safe to call concurrently."""
 
+    node_id: str  # the daemon this store claims for, recorded on every execution it opens
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -99,7 +101,12 @@ class Store(Protocol):
         after: Iterable[int] = (),
         max_cost_usd: float | None = None,
         schedule_id: int | None = None,
+        node: str | None = None,
     ) -> Task: ...
+
+    def on_ready(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when a task becomes ready that another process stored."""
+        ...
 
     async def set_workspace(self, task_id: int, ws: Workspace) -> None: ...
 

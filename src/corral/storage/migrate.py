@@ -12,6 +12,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -86,3 +87,34 @@ def statements(sql: str) -> list[str]:
     if pending.strip(" \n;"):
         raise ValueError(f"an incomplete statement at the end of a migration: {pending[:80]!r}")
     return out
+
+
+# Any constant of our own: every corral daemon migrating one database takes the same lock.
+MIGRATION_LOCK = 0x636F7272616C  # "corral"
+
+
+async def migrate_postgres(conn: Any, *, upto: int | None = None) -> list[int]:
+    """Apply every pending PostgreSQL migration, each in its own transaction.
+
+    An advisory lock held meanwhile makes daemons starting together migrate once: the others
+    wait, then find nothing left to do. ``conn`` is an ``asyncpg.Connection``.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+            " name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+        done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in load_migrations("postgres"):
+            if migration.version in done or (upto is not None and migration.version > upto):
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)  # a script: PostgreSQL splits it itself
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at)"
+                    " VALUES ($1, $2, $3)", migration.version, migration.name, time.time())
+            applied.append(migration.version)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from corral.models import ExecStatus, Execution, Schedule, Task, TaskState, Workspace
+
+
+class Row(Protocol):
+    """A row as either driver returns it: indexable by column position."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+R = TypeVar("R")
 
 TASK_COLS = (
     "id, prompt, requested_agent, requested_model, agent, model, pinned, classifier_reason,"
@@ -37,7 +46,14 @@ TASK_UPDATE_FIELDS = frozenset({
 })
 
 
-def task(row: Sequence[Any]) -> Task:
+def got(row: R | None) -> R:
+    """A row a statement always returns (``INSERT … RETURNING``, a row locked before)."""
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
+
+def task(row: Row) -> Task:
     return Task(
         id=row[0], prompt=row[1], requested_agent=row[2], requested_model=row[3], agent=row[4],
         model=row[5], pinned=bool(row[6]), classifier_reason=row[7], workdir=row[8],
@@ -51,7 +67,7 @@ def task(row: Sequence[Any]) -> Task:
     )
 
 
-def execution(row: Sequence[Any]) -> Execution:
+def execution(row: Row) -> Execution:
     return Execution(
         id=row[0], task_id=row[1], agent=row[2], model=row[3], status=ExecStatus(row[4]),
         started_at=row[5], finished_at=row[6], exit_code=row[7], error=row[8], session_id=row[9],
@@ -64,7 +80,7 @@ def execution(row: Sequence[Any]) -> Execution:
     )
 
 
-def schedule(row: Sequence[Any]) -> Schedule:
+def schedule(row: Row) -> Schedule:
     options = row[3] if isinstance(row[3], dict) else json.loads(row[3])
     return Schedule(id=row[0], cron=row[1], prompt=row[2], options=options,
                     created_at=row[4], last_fired_at=row[5], last_task_id=row[6])
@@ -88,18 +104,17 @@ def task_values(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, TaskState) else v) for k, v in fields.items()}
 
 
-def usage_rows(rows: Sequence[Sequence[Any]], by: str) -> list[dict[str, Any]]:
-    return [{by: key, "executions": n, "cost_usd": round(cost or 0.0, 6),
-             "cost_estimated_usd": round(estimated or 0.0, 6),
-             "tokens_in": tin or 0, "tokens_out": tout or 0}
-            for key, n, cost, estimated, tin, tout in rows]
+def usage_rows(rows: Sequence[Row], by: str) -> list[dict[str, Any]]:
+    return [{by: r[0], "executions": r[1], "cost_usd": round(r[2] or 0.0, 6),
+             "cost_estimated_usd": round(r[3] or 0.0, 6),
+             "tokens_in": r[4] or 0, "tokens_out": r[5] or 0} for r in rows]
 
 
-def stats(states: Sequence[Sequence[Any]], rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+def stats(states: Sequence[Row], rows: Sequence[Row]) -> dict[str, Any]:
     """``stats`` from the counters: tasks per state, and per agent (executions, succeeded,
     failed, rate_limited, cost, estimated cost, tokens in and out, duration)."""
     by_state = {str(s): 0 for s in TaskState}
-    by_state.update({state: count for state, count in states if count})
+    by_state.update({r[0]: r[1] for r in states if r[1]})
     agents = {
         row[0]: {
             "executions": row[1], "succeeded": row[2], "failed": row[3],
@@ -111,7 +126,7 @@ def stats(states: Sequence[Sequence[Any]], rows: Sequence[Sequence[Any]]) -> dic
     return {"tasks": by_state, "agents": agents}
 
 
-def totals(rows: Sequence[Sequence[Any]]) -> dict[int, dict[str, Any]]:
+def totals(rows: Sequence[Row]) -> dict[int, dict[str, Any]]:
     return {r[0]: {"executions": r[1], "cost_usd": r[2], "tokens_in": r[3],
                    "tokens_out": r[4], "duration_ms": r[5], "files_changed": r[6],
                    "insertions": r[7], "deletions": r[8]} for r in rows}

@@ -217,6 +217,9 @@ class SqliteStore:
     async def close(self) -> None:
         await self._db.close()
 
+    def on_ready(self, wake: Callable[[], None]) -> None:
+        """Nothing to do: one daemon owns the file, and it wakes itself on its own writes."""
+
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         return await self._db.fetch_one(sql, tuple(params))
 

@@ -1,0 +1,193 @@
+"""Connections to PostgreSQL through asyncpg: a pool, transactions that outlive a restart of
+the server, and a listening connection that wakes the daemon when work arrives.
+
+A lost connection (the server restarting, a network blip) is not a failure of the write: the
+transaction is run again on a new connection with backoff, for up to ``reconnect_s``, so an
+agent's result waits in memory until the server is back. Only errors of the connection's own
+classes are retried (SQLSTATE class 08, operator intervention 57, a socket error); anything
+else is the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+
+from corral.errors import StoreUnavailable
+from corral.retry import backoff_delay
+from corral.storage.migrate import migrate_postgres
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# What a transaction function is handed: a pooled connection.
+if TYPE_CHECKING:  # generic only in the stubs
+    Conn = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+else:
+    Conn = asyncpg.pool.PoolConnectionProxy
+Tx = Callable[[Conn], Awaitable[T]]
+
+# What a server going away looks like from here; these are retried, nothing else.
+LOST = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InterfaceError)
+READY_CHANNEL = "corral_ready"
+
+
+def local_zone() -> str:
+    """This host's time zone name, so "a day" of spend is the daemon's local day."""
+    if os.environ.get("TZ"):
+        return os.environ["TZ"].lstrip(":")
+    with contextlib.suppress(OSError):
+        target = str(Path("/etc/localtime").resolve())
+        if "zoneinfo/" in target:
+            return target.split("zoneinfo/", 1)[1]
+    return "UTC"
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, where = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{where}" if user else f"{scheme}://{where}"
+
+
+class Postgres:
+    """A pool of connections to one database; ``open`` migrates it, ``close`` is safe twice."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int = 8,
+        connect_timeout_s: float = 10.0,
+        reconnect_s: float = 300.0,
+        migrate_upto: int | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.url = url
+        self._max = max_connections
+        self._connect_timeout_s = connect_timeout_s
+        self.reconnect_s = reconnect_s
+        self._migrate_upto = migrate_upto
+        self._sleep = sleep
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._wakers: list[Callable[[], None]] = []
+
+    def _settings(self) -> dict[str, str]:
+        return {"application_name": "corral", "TimeZone": local_zone()}
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            first = await asyncpg.connect(self.url, timeout=self._connect_timeout_s,
+                                          server_settings=self._settings())
+        except (*LOST, asyncpg.PostgresError, ValueError) as exc:
+            raise StoreUnavailable(
+                f"cannot connect to {describe(self.url)}: {_reason(exc)}") from None
+        try:
+            await migrate_postgres(first, upto=self._migrate_upto)
+        finally:
+            await first.close()
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=1, max_size=self._max, timeout=self._connect_timeout_s,
+            server_settings=self._settings())
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def run(self, fn: Tx[T], *, transaction: bool = True,
+                  within_s: float | None = None) -> T:
+        """``fn`` on a pooled connection (in a transaction), again on a new one if the
+        connection is lost, for up to ``within_s`` (default ``reconnect_s``)."""
+        deadline = time.monotonic() + (self.reconnect_s if within_s is None else within_s)
+        attempt = 0
+        while True:
+            if self._pool is None:
+                raise StoreUnavailable("the database is not open")
+            try:
+                async with self._pool.acquire() as conn:
+                    if not transaction:
+                        return await fn(conn)
+                    async with conn.transaction():
+                        return await fn(conn)
+            except LOST as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, base_s=0.1, cap_s=5.0)
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"lost the database at {describe(self.url)}: {_reason(exc)}") from exc
+                if attempt == 1:
+                    log.warning("lost the database (%s); retrying", _reason(exc))
+                await self._sleep(delay)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.run(lambda c: c.fetch(sql, *args), transaction=False)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self.run(lambda c: c.fetchrow(sql, *args), transaction=False)
+
+    async def execute(self, sql: str, *args: Any, within_s: float | None = None) -> int:
+        """One statement; how many rows it changed."""
+        status = await self.run(lambda c: c.execute(sql, *args), within_s=within_s)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdecimal() else 0
+
+    def on_ready(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever a task becomes ready anywhere (a trigger notifies)."""
+        self._wakers.append(wake)
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="corral-pg-listen")
+
+    def _notified(self, *_: object) -> None:
+        for wake in self._wakers:
+            wake()
+
+    async def _listen(self) -> None:
+        """One connection LISTENing, made again whenever it is lost (a missed notification
+        is covered by the wake-up after reconnecting, and by the pool's safety poll)."""
+        attempt = 0
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self.url, timeout=self._connect_timeout_s,
+                                             server_settings=self._settings())
+            except (*LOST, asyncpg.PostgresError) as exc:
+                attempt += 1
+                log.debug("listening connection failed: %s", _reason(exc))
+                await self._sleep(backoff_delay(attempt, base_s=0.2, cap_s=5.0))
+                continue
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(READY_CHANNEL, self._notified)
+                attempt = 0
+                self._notified()  # what became ready while no one listened
+                await lost.wait()
+            except LOST:
+                pass
+            finally:
+                with contextlib.suppress(*LOST):
+                    await conn.close(timeout=1.0)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
