@@ -12,9 +12,11 @@ from tests.conftest import until
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, socket_path: Path) -> None:
+    def __init__(self, config: Path, socket_path: Path, *, log: Path | None = None) -> None:
+        """``log``: its stderr goes to this file (a busy daemon would fill a pipe)."""
         self.config = config
         self.socket_path = socket_path
+        self.log = log
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr = b""
 
@@ -24,10 +26,15 @@ class DaemonProcess:
         return self.proc.pid
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.cli", "serve", "--config", str(self.config),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )
+        if self.log is not None:
+            with self.log.open("ab") as err:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "corral.cli", "serve", "--config", str(self.config),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=err)
+        else:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "corral.cli", "serve", "--config", str(self.config),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
 
         async def ready() -> bool:
             assert self.proc is not None
@@ -39,7 +46,11 @@ class DaemonProcess:
         await until(ready, timeout_s=30, every_s=0.1)
 
     async def _stderr(self) -> str:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        if self.log is not None:
+            await self.proc.wait()
+            return self.log.read_text(errors="replace")[-4000:]
+        assert self.proc.stderr is not None
         self.stderr += await self.proc.stderr.read()
         return self.stderr.decode()
 

@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from corral.daemon import serve
-    from corral.errors import ConfigError
+    from corral.errors import ConfigError, StoreUnavailable
 
     settings = _settings(args)
     if settings is None:
@@ -64,6 +64,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"corral: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreUnavailable as exc:
+        print(f"corral: {exc.message}", file=sys.stderr)
+        return 1
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -106,7 +109,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         "timeout_s": args.timeout, "max_retries": args.retries,
         "isolate": False if args.no_isolate else None, "base": args.base or None,
         "after": [n for group in getattr(args, "after", None) or () for n in group] or None,
-        "max_cost_usd": args.max_cost_usd,
+        "max_cost_usd": args.max_cost_usd, "node": args.node or None,
     }
     return {"priority": args.priority, **{k: v for k, v in chosen.items() if v is not None}}
 
@@ -388,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     task_options.add_argument("--base", help="the commit or branch the worktree starts from")
     task_options.add_argument("--max-cost-usd", type=_positive_float,
                               help="stop the run past this cost")
+    task_options.add_argument("--node", help="the node that may run it, or any (a shared"
+                              " queue; default: this one when --dir is given)")
     parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,8 @@ Unknown keys are rejected; :func:`load_settings` turns any validation failure in
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -47,6 +49,23 @@ class DaemonSettings(_Section):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Finished tasks older than this many days go, with their executions and logs (0: never).
     keep_days: float = Field(default=0.0, ge=0)
+    # This daemon's name on a shared queue ([store] url); empty: the host's name and a short
+    # hash of the data dir, so two daemons on one host with their own dirs differ.
+    node_id: str = ""
+
+    @field_validator("node_id")
+    @classmethod
+    def _node(cls, value: str) -> str:
+        if value and (len(value) > 64 or not all(ch.isalnum() or ch in "-_.@" for ch in value)):
+            raise ValueError("a node id is up to 64 letters, digits, '-', '_', '.' or '@'")
+        return value
+
+    def node(self) -> str:
+        """The node id in force."""
+        if self.node_id:
+            return self.node_id
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:6]
+        return f"{socket.gethostname()}-{digest}"
 
     @field_validator("log_level")
     @classmethod
@@ -63,6 +82,31 @@ class DaemonSettings(_Section):
         if upper not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError("must be one of OFF, NORMAL, FULL, EXTRA")
         return upper
+
+
+class StoreSettings(_Section):
+    """Where the queue lives: the embedded SQLite file, or PostgreSQL shared by several hosts."""
+
+    # postgresql://user:password@host:port/db; empty: the SQLite file in the data dir.
+    url: str = ""
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A node whose heartbeat is older than this is presumed dead and its tasks are requeued.
+    node_timeout_seconds: float = Field(default=30.0, gt=0)
+    # How long a write waits for a lost server to come back before it fails.
+    reconnect_seconds: float = Field(default=300.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (or be empty for the SQLite file)")
+        return value
+
+    @model_validator(mode="after")
+    def _timeout(self) -> Self:
+        if self.node_timeout_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("node_timeout_seconds must be at least twice heartbeat_seconds")
+        return self
 
 
 DEFAULT_MAX_CONCURRENT = 2
@@ -104,6 +148,16 @@ class PoolSettings(_Section):
     # A task sent back to the queue by rate limits more often than this fails instead.
     max_rate_limit_requeues: int = Field(default=10, ge=0)
     kill_grace_seconds: float = Field(default=5.0, ge=0)
+    # Per agent across every node of a shared queue ([store] url), enforced in the claim.
+    global_max_concurrent: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("global_max_concurrent")
+    @classmethod
+    def _caps(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, cap in value.items():
+            if cap < 0:
+                raise ValueError(f"{name}: a limit is a whole number, 0 or more")
+        return value
 
 
 class _CliAgentSettings(_Section):
@@ -316,6 +370,7 @@ class Settings(BaseSettings):
     )
 
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     claude: ClaudeSettings = Field(default_factory=ClaudeSettings)
     gemini: GeminiSettings = Field(default_factory=GeminiSettings)
@@ -340,6 +395,8 @@ class Settings(BaseSettings):
         names = set(KNOWN_AGENTS) | set(self.agents)
         for name in self.pool.max_concurrent.configured() - names:
             raise ValueError(f"pool.max_concurrent.{name}: no such agent")
+        for name in set(self.pool.global_max_concurrent) - names:
+            raise ValueError(f"pool.global_max_concurrent.{name}: no such agent")
         if self.classifier.default_agent not in names:
             raise ValueError(f"classifier.default_agent: must be one of {', '.join(sorted(names))}")
         return self
@@ -365,12 +422,22 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json", by_alias=True)
         if self.local_model.api_key is not None:
             data["local_model"]["api_key"] = "***"
+        data["store"]["url"] = redact_url(self.store.url)
         for section in ("claude", "gemini", "codex"):
             env = data[section]["env"]
             for key in env:
                 if looks_secret(key):
                     env[key] = "***"
         return data
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    if not (sep and at and ":" in credentials):
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{where}"
 
 
 def looks_secret(name: str) -> bool:

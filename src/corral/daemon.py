@@ -44,6 +44,8 @@ from corral.notify import Notifier
 from corral.retention import Retention
 from corral.schedule import Scheduler
 from corral.server.app import build_app
+from corral.storage.base import Store
+from corral.storage.postgres import PostgresStore
 from corral.storage.sqlite import SqliteStore
 from corral.ui.app import Dashboard
 from corral.workspace.manager import Workspaces
@@ -53,6 +55,7 @@ log = logging.getLogger("corral")
 GC_GEN0_THRESHOLD = 7000
 # How often idle worktrees past [workspace] keep_days are looked for (also at every start).
 CLEANUP_EVERY_S = 3600.0
+ORPHAN_AFTER_S = 60.0  # an execution this old with no worker is an orphan
 
 
 class SocketInUse(ConfigError):
@@ -238,6 +241,20 @@ def kill_orphans(recorded: list[ProcessIdentity]) -> int:
                if procs.is_alive_and_same(proc) and kill_group(proc.pgid, signal.SIGKILL))
 
 
+def open_store(settings: Settings, clock: Callable[[], float]) -> Store:
+    """The store the settings name: PostgreSQL for ``[store] url``, else the SQLite file."""
+    node_id = settings.daemon.node()
+    if settings.store.url:
+        s = settings.store
+        return PostgresStore(s.url, node_id=node_id, clock=clock, heartbeat_s=s.heartbeat_seconds,
+                             node_timeout_s=s.node_timeout_seconds,
+                             global_max_concurrent=settings.pool.global_max_concurrent,
+                             reconnect_s=s.reconnect_seconds)
+    return SqliteStore(settings.daemon.data_dir / "corral.db",
+                       synchronous=settings.daemon.sqlite_synchronous, clock=clock,
+                       node_id=node_id)
+
+
 @contextlib.asynccontextmanager
 async def running_daemon(
     settings: Settings, env: Mapping[str, str] | None = None, *,
@@ -254,10 +271,9 @@ async def running_daemon(
         log.warning("no agent is available: %s", agents.unavailable)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(os.close, lock_data_dir(data_dir))  # released last, after the store
-        store = await stack.enter_async_context(
-            SqliteStore(data_dir / "corral.db", synchronous=settings.daemon.sqlite_synchronous,
-                        clock=clock)
-        )
+        store = open_store(settings, clock)
+        await store.open()
+        stack.push_async_callback(store.close)
         # Kill what a dead daemon left running first, so no orphan edits files while its
         # task is requeued; then record the interruption.
         killed = kill_orphans(await store.running_processes())
@@ -283,6 +299,8 @@ async def running_daemon(
                     on_final=notifier.task_finished, clock=clock,
                     budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices,
                     known_agents=settings.agent_names())
+        store.on_ready(pool.wake)  # tasks stored by other nodes
+        store.on_log(pool.log_grew)  # their logs, for followers here
         scheduler = Scheduler(store, pool.submit, clock=clock)
         retention = Retention(store, data_dir / "executions", settings.daemon.keep_days,
                               clock=clock)
@@ -314,6 +332,17 @@ async def running_daemon(
         if dashboard is not None:
             stack.push_async_callback(dashboard.close)  # stops before the pool on the way out
             await dashboard.start(api(), pool, store, landing)
+        async def release_orphans() -> None:
+            # A claim committed but answered by a lost connection left executions no worker
+            # holds (PostgreSQL); they go back to the queue.
+            if released := await store.release_orphans(pool.running_execution_ids(),
+                                                       clock() - ORPHAN_AFTER_S):
+                log.warning("%d executions had no worker; their tasks are queued again",
+                            released)
+
+        orphans = asyncio.create_task(_every(ORPHAN_AFTER_S, release_orphans),
+                                      name="corral-orphans")
+        stack.callback(orphans.cancel)
         cleaner = asyncio.create_task(_every(CLEANUP_EVERY_S, landing.cleanup),
                                       name="corral-workspace-cleanup")
         stack.callback(cleaner.cancel)

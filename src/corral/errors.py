@@ -31,6 +31,12 @@ class ConfigError(CorralError):
     code = "config_error"
 
 
+class NodeTaken(ConfigError):
+    """Another live daemon has this daemon's ``[daemon] node_id`` on the shared queue."""
+
+    code = "node_taken"
+
+
 class BadRequest(CorralError):
     """The client sent something corral cannot accept."""
 

@@ -29,6 +29,7 @@ from corral.executor.budget import Budgets
 from corral.executor.changes import git_base, measure_changes
 from corral.executor.classifier import Classifier
 from corral.executor.continuation import continuation
+from corral.executor.logship import LogShipper
 from corral.executor.runner import (
     STDOUT_LOG,
     Runner,
@@ -87,6 +88,7 @@ class _Job:
     worker: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     resumed_session: str | None = None
+    shipper: LogShipper | None = None  # a shared store's copy of the log
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -235,11 +237,14 @@ class Pool:
         after: Sequence[int] = (),
         max_cost_usd: float | None = None,
         schedule_id: int | None = None,
+        node: str | None = None,
     ) -> Task:
         """Store a task. A registered agent pins it; anything else goes to the classifier.
 
         A task whose dir is in a git repository gets a workspace of its own (unless
         ``isolate`` is false), starting from the repository's HEAD now, or ``base_ref``.
+        A task with a dir runs on this node (its paths are this host's) unless ``node`` names
+        another or is ``any``; one without a dir runs anywhere unless ``node`` names one.
         """
         if not self._accepting:
             raise ShuttingDown("the daemon is shutting down and takes no new tasks")
@@ -256,6 +261,7 @@ class Pool:
             max_retries=self.settings.default_max_retries if max_retries is None else max_retries,
             timeout_s=timeout_s, isolate=isolate, base_ref=base_ref, workspace=plan,
             after=after, max_cost_usd=max_cost_usd, schedule_id=schedule_id,
+            node=None if node == "any" else node or (self.store.node_id if workdir else None),
         )
         self._changed(task.id)
         if pinned:
@@ -398,6 +404,10 @@ class Pool:
         """An event set whenever the execution's logs grow, and when it ends."""
         return self._watchers.watch(("execution", execution_id))
 
+    def running_execution_ids(self) -> set[int]:
+        """The executions this daemon has a worker for."""
+        return set(self._running_executions)
+
     def execution_running(self, execution_id: int) -> bool:
         """Whether this daemon is running the execution now (its log may still grow)."""
         return execution_id in self._running_executions
@@ -512,6 +522,9 @@ class Pool:
             for (task, execution), folder in zip(claim.tasks, folders, strict=True):
                 slot = self.agents[task.agent or ""]
                 job = _Job(task, slot, execution, folder)
+                if self.store.shares_logs:
+                    job.shipper = LogShipper(execution.id, folder / STDOUT_LOG,
+                                             self.store.append_log)
                 self._jobs[task.id] = job
                 self._running_executions.add(execution.id)
                 slot.running += 1
@@ -551,6 +564,7 @@ class Pool:
                 # What the agent changed before it was stopped is kept on the branch too.
                 changes = (_Changes() if where is None
                            else await asyncio.shield(self._changes(job, where, None)))
+                await asyncio.shield(self._ship_rest(job))
                 await asyncio.shield(self._record_cancel(job, execution, changes))
                 return
             except WorkspaceError as exc:
@@ -561,6 +575,9 @@ class Pool:
                                    error=f"{slot.name} runner error: {type(exc).__name__}: {exc}")
             changes = (_Changes() if where is None
                        else await asyncio.shield(self._changes(job, where, result.final_text)))
+            # Copied before the end is recorded: a follower elsewhere that sees the execution
+            # ended has the whole log.
+            await asyncio.shield(self._ship_rest(job))
             await asyncio.shield(self._record(job, execution, result, changes))
         except Exception:
             # The store failed; a restart's recovery requeues what is still marked running.
@@ -573,6 +590,21 @@ class Pool:
             job.done.set()
             self.wake()
             self._compress_later(job.folder / STDOUT_LOG)
+
+    @staticmethod
+    async def _ship_rest(job: _Job) -> None:
+        if job.shipper is not None:
+            await job.shipper.close()
+
+    def _output(self, job: _Job) -> None:
+        """The execution's log grew: its followers wake, and a shared store gets a copy."""
+        self._watchers.notify(("execution", job.execution.id))
+        if job.shipper is not None:
+            job.shipper.poke()
+
+    def log_grew(self, execution_id: int) -> None:
+        """Another node's execution's log grew or it ended: its followers here wake."""
+        self._watchers.notify(("execution", execution_id))
 
     def _compress_later(self, log_path: Path) -> None:
         """The finished log compressed off the event loop; its readers take either form."""
@@ -602,7 +634,7 @@ class Pool:
             max_cost_usd=task.max_cost_usd,
             prior_usage=_session_usage(earlier, going_on.resume_session_id),
             on_process=self._process_recorder(execution.id),
-            on_output=lambda: self._watchers.notify(("execution", execution.id)),
+            on_output=lambda: self._output(job),
         )
 
     async def _prepare(self, job: _Job) -> _Where:

@@ -58,6 +58,7 @@ RETENTION_KEY = web.AppKey("retention", Retention)
 UI_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("ui")
 SPEC_KEY = web.AppKey("openapi", dict)
 _READ_CHUNK_BYTES = 256 * 1024
+_FOLLOW_BACKSTOP_S = 5.0  # following another node's log: a missed notification costs this
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -153,7 +154,7 @@ async def create_task(request: web.Request) -> web.Response:
         spec.prompt, agent=spec.agent, model=spec.model, workdir=spec.workdir,
         priority=spec.priority, max_retries=spec.max_retries, timeout_s=spec.timeout_s,
         isolate=spec.isolate, base_ref=spec.base, after=spec.after,
-        max_cost_usd=spec.max_cost_usd,
+        max_cost_usd=spec.max_cost_usd, node=spec.node,
     ))
     return _task_json(task, 201)
 
@@ -270,10 +271,19 @@ async def task_log(request: web.Request) -> web.StreamResponse:
     """
     query = parse_query(LogQuery, request.query)
     pool = request.app[POOL_KEY]
-    execution = await _execution_to_show(pool, request.app[STORE_KEY], _task_id(request), query)
+    store = request.app[STORE_KEY]
+    execution = await _execution_to_show(pool, store, _task_id(request), query)
+    elsewhere = execution.node_id not in (None, store.node_id) and store.shares_logs
+    if elsewhere and query.stream == "stderr":
+        raise NotFound(f"execution {execution.id} ran on node {execution.node_id}; its"
+                       " stderr.log is on that node")
     path = Path(execution.log_dir or "") / (STDERR_LOG if query.stream == "stderr" else STDOUT_LOG)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
+    if elsewhere:
+        await _send_copy(response, pool, store, execution.id, follow=query.follow)
+        await response.write_eof()
+        return response
     with pool.watch_execution(execution.id) as grew:
         offset = 0
         while True:
@@ -285,6 +295,26 @@ async def task_log(request: web.Request) -> web.StreamResponse:
             await grew.wait()
     await response.write_eof()
     return response
+
+
+async def _send_copy(response: web.StreamResponse, pool: Pool, store: Store,
+                     execution_id: int, *, follow: bool) -> None:
+    """Another node's execution: its log from the store's copy, followed by the store's
+    notifications (a slow poll only as the backstop for one that was missed)."""
+    seq = -1
+    with pool.watch_execution(execution_id) as grew:
+        while True:
+            grew.clear()
+            # Read before the chunks: the copy is complete before an end is recorded.
+            running = follow and (await store.get_execution(execution_id)).status == "running"
+            while chunks := await store.read_log(execution_id, seq):
+                for seq, data in chunks:  # noqa: B007 (the last one is the cursor)
+                    await response.write(data)
+            if not running:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FOLLOW_BACKSTOP_S):
+                    await grew.wait()
 
 
 async def _execution_to_show(pool: Pool, store: Store, task_id: int, query: LogQuery) -> Execution:

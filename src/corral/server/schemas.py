@@ -44,6 +44,10 @@ class TaskCreate(BaseModel):
                              description="Tasks that must succeed first (the task is blocked).")
     max_cost_usd: float | None = Field(default=None, gt=0, le=100_000,
                                        description="Stop the run once it has cost this much.")
+    node: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$",
+        description="The node that may run it on a shared queue, or any (default: the node"
+        " it is submitted on when workdir is given, since paths are host-local; else any).")
 
     @field_validator("prompt")
     @classmethod

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from corral.errors import Conflict
+from corral.errors import NodeTaken
 from corral.host import procs
 from corral.models import ProcessIdentity, TaskState
 from corral.storage import pg_dependencies as dependencies
@@ -41,12 +41,16 @@ class NodeInfo:
         return cls(node_id, socket.gethostname(), os.getpid(), me.started, me.boot_id)
 
 
-async def interrupt(c: Conn, node_id: str, now: float, why: str) -> int:
-    """Inside a transaction: the node's running executions become ``interrupted``; their
-    tasks are queued again, or fail when out of attempts. Returns how many were interrupted."""
+async def interrupt(c: Conn, node_id: str, now: float, why: str, *,
+                    keep: list[int] | None = None, started_before: float | None = None) -> int:
+    """Inside a transaction: the node's running executions (but those in ``keep``, and only
+    those started before ``started_before``) become ``interrupted``; their tasks are queued
+    again, or fail when out of attempts. Returns how many were interrupted."""
     task_ids = [r[0] for r in await c.fetch(
         "UPDATE executions SET status = 'interrupted', finished_at = $1, error = $2"
-        " WHERE status = 'running' AND node_id = $3 RETURNING task_id", now, why, node_id)]
+        " WHERE status = 'running' AND node_id = $3 AND NOT id = ANY($4::bigint[])"
+        " AND started_at < $5 RETURNING task_id", now, why, node_id, keep or [],
+        now + 1 if started_before is None else started_before)]
     if not task_ids:
         return 0
     spent = [r[0] for r in await c.fetch(
@@ -107,10 +111,10 @@ class Nodes:
                                " WHERE node_id = $1 FOR UPDATE", self.me.node_id)
         if row is not None and now - row["heartbeat_at"] < self.node_timeout_s \
                 and not self._provably_gone(row):
-            raise Conflict(
+            raise NodeTaken(
                 f"node {self.me.node_id!r} is already running on {row['host']} (pid"
                 f" {row['pid']}, heartbeat {now - row['heartbeat_at']:.0f} s ago); give this"
-                " daemon another [daemon] node_id", code="node_taken")
+                " daemon another [daemon] node_id")
         await c.execute(
             "INSERT INTO nodes (node_id, host, pid, proc_started, boot_id, started_at,"
             " heartbeat_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (node_id) DO UPDATE"

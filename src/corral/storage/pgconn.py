@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
+from corral.config import redact_url
 from corral.errors import StoreUnavailable
 from corral.retry import backoff_delay
 from corral.storage.migrate import migrate_postgres
@@ -38,7 +39,8 @@ Tx = Callable[[Conn], Awaitable[T]]
 # What a server going away looks like from here; these are retried, nothing else.
 LOST = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InterfaceError)
-READY_CHANNEL = "corral_ready"
+READY_CHANNEL = "corral_ready"  # a task became ready (no payload)
+LOG_CHANNEL = "corral_log"  # an execution's log grew or it ended (its id)
 
 
 def local_zone() -> str:
@@ -50,16 +52,6 @@ def local_zone() -> str:
         if "zoneinfo/" in target:
             return target.split("zoneinfo/", 1)[1]
     return "UTC"
-
-
-def describe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, where = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}@{where}" if user else f"{scheme}://{where}"
 
 
 class Postgres:
@@ -83,7 +75,7 @@ class Postgres:
         self._sleep = sleep
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._wakers: list[Callable[[], None]] = []
+        self._heard: dict[str, list[Callable[[str], None]]] = {}
 
     def _settings(self) -> dict[str, str]:
         return {"application_name": "corral", "TimeZone": local_zone()}
@@ -96,7 +88,7 @@ class Postgres:
                                           server_settings=self._settings())
         except (*LOST, asyncpg.PostgresError, ValueError) as exc:
             raise StoreUnavailable(
-                f"cannot connect to {describe(self.url)}: {_reason(exc)}") from None
+                f"cannot connect to {redact_url(self.url)}: {_reason(exc)}") from None
         try:
             await migrate_postgres(first, upto=self._migrate_upto)
         finally:
@@ -135,7 +127,7 @@ class Postgres:
                 delay = backoff_delay(attempt, base_s=0.1, cap_s=5.0)
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
-                        f"lost the database at {describe(self.url)}: {_reason(exc)}") from exc
+                        f"lost the database at {redact_url(self.url)}: {_reason(exc)}") from exc
                 if attempt == 1:
                     log.warning("lost the database (%s); retrying", _reason(exc))
                 await self._sleep(delay)
@@ -152,19 +144,20 @@ class Postgres:
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdecimal() else 0
 
-    def on_ready(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` whenever a task becomes ready anywhere (a trigger notifies)."""
-        self._wakers.append(wake)
+    def listen(self, channel: str, heard: Callable[[str], None]) -> None:
+        """Call ``heard(payload)`` for each notification on ``channel``, and once with ``""``
+        whenever the listening connection is made (what was missed while it was not)."""
+        self._heard.setdefault(channel, []).append(heard)
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="corral-pg-listen")
 
-    def _notified(self, *_: object) -> None:
-        for wake in self._wakers:
-            wake()
+    def _notified(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        for heard in self._heard.get(channel, ()):
+            heard(str(payload))
 
     async def _listen(self) -> None:
         """One connection LISTENing, made again whenever it is lost (a missed notification
-        is covered by the wake-up after reconnecting, and by the pool's safety poll)."""
+        is covered by the call after reconnecting, and by the pool's safety poll)."""
         attempt = 0
         while True:
             lost = asyncio.Event()
@@ -178,9 +171,11 @@ class Postgres:
                 continue
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(READY_CHANNEL, self._notified)
+                for channel in list(self._heard):
+                    await conn.add_listener(channel, self._notified)
                 attempt = 0
-                self._notified()  # what became ready while no one listened
+                for channel in list(self._heard):
+                    self._notified(conn, 0, channel, "")
                 await lost.wait()
             except LOST:
                 pass

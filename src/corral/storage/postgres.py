@@ -43,7 +43,7 @@ from corral.storage.base import (
     TaskPage,
 )
 from corral.storage.nodes import NodeInfo, Nodes, interrupt
-from corral.storage.pgconn import Conn, Postgres
+from corral.storage.pgconn import LOG_CHANNEL, READY_CHANNEL, Conn, Postgres
 
 C = Conn
 _TASK = f"SELECT {rows.TASK_COLS} FROM tasks WHERE id = $1"
@@ -141,9 +141,33 @@ class PostgresStore:
             await self.nodes.stop()
         await self._db.close()
 
+    # Other nodes read this store, logs included.
+    shares_logs = True
+
     def on_ready(self, wake: Callable[[], None]) -> None:
         """``wake`` is called when a task becomes ready on any node."""
-        self._db.on_ready(wake)
+        self._db.listen(READY_CHANNEL, lambda _payload: wake())
+
+    def on_log(self, grew: Callable[[int], None]) -> None:
+        """``grew(execution_id)`` when an execution's log grows or it ends, on any node."""
+        self._db.listen(LOG_CHANNEL, lambda payload: grew(int(payload)) if payload else None)
+
+    async def append_log(self, execution_id: int, seq: int, data: bytes) -> None:
+        """Chunk ``seq`` of the execution's ``stdout.log`` (written again, the same)."""
+        await self._db.execute(
+            "INSERT INTO log_chunks (execution_id, seq, data) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING", execution_id, seq, data)
+
+    async def read_log(self, execution_id: int, after_seq: int = -1, *,
+                       limit_bytes: int = 1 << 20) -> list[tuple[int, bytes]]:
+        """The log's chunks after ``after_seq`` in order, about ``limit_bytes`` at most (at
+        least one)."""
+        found = await self._all(
+            "SELECT seq, data FROM (SELECT seq, data, SUM(length(data)) OVER (ORDER BY seq)"
+            " AS upto FROM log_chunks WHERE execution_id = $1 AND seq > $2) c"
+            " WHERE upto - length(data) < $3 ORDER BY seq", execution_id, after_seq,
+            limit_bytes)
+        return [(r[0], bytes(r[1])) for r in found]
 
     async def _one(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self._db.fetchrow(sql, *args)
@@ -559,6 +583,12 @@ class PostgresStore:
         now = self._clock()
         return await self._db.run(lambda c: interrupt(
             c, self.node_id, now, "daemon stopped while this execution was running"))
+
+    async def release_orphans(self, live: Iterable[int], started_before: float) -> int:
+        now = self._clock()
+        return await self._db.run(lambda c: interrupt(
+            c, self.node_id, now, "no worker held this execution", keep=sorted(set(live)),
+            started_before=started_before))
 
     # -- schedules -----------------------------------------------------------------------------
 

@@ -92,6 +92,8 @@ def result_values(execution: dict[str, Any], now: float) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"cannot update execution fields {sorted(unknown)}")
     values = {k: (str(v) if isinstance(v, ExecStatus) else v) for k, v in execution.items()}
+    if "cost_estimated" in values:  # a flag, whatever the caller counted it with
+        values["cost_estimated"] = bool(values["cost_estimated"])
     values.setdefault("finished_at", now)
     return values
 
@@ -101,7 +103,10 @@ def task_values(fields: dict[str, Any]) -> dict[str, Any]:
     unknown = set(fields) - TASK_UPDATE_FIELDS
     if unknown:
         raise ValueError(f"cannot update task fields {sorted(unknown)}")
-    return {k: (str(v) if isinstance(v, TaskState) else v) for k, v in fields.items()}
+    values = {k: (str(v) if isinstance(v, TaskState) else v) for k, v in fields.items()}
+    if "pinned" in values:
+        values["pinned"] = bool(values["pinned"])
+    return values
 
 
 def usage_rows(rows: Sequence[Row], by: str) -> list[dict[str, Any]]:

@@ -217,8 +217,21 @@ class SqliteStore:
     async def close(self) -> None:
         await self._db.close()
 
+    # One daemon owns the file: its logs are its own files, never copied in here.
+    shares_logs = False
+
     def on_ready(self, wake: Callable[[], None]) -> None:
         """Nothing to do: one daemon owns the file, and it wakes itself on its own writes."""
+
+    def on_log(self, grew: Callable[[int], None]) -> None:
+        """Nothing to do: every execution's log is this daemon's own file."""
+
+    async def append_log(self, execution_id: int, seq: int, data: bytes) -> None:
+        raise NotImplementedError("the SQLite store keeps no logs (shares_logs is false)")
+
+    async def read_log(self, execution_id: int, after_seq: int = -1, *,
+                       limit_bytes: int = 1 << 20) -> list[tuple[int, bytes]]:
+        return []
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         return await self._db.fetch_one(sql, tuple(params))
@@ -615,6 +628,11 @@ class SqliteStore:
             return int(count)
 
         return await self._db.write_now(recover)
+
+    async def release_orphans(self, live: Iterable[int], started_before: float) -> int:
+        """Nothing to release: a commit to a local file is never in doubt, so every running
+        execution has its worker until the daemon stops (then ``recover_interrupted``)."""
+        return 0
 
     # -- schedules -----------------------------------------------------------------------------
 

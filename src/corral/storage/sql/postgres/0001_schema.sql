@@ -181,6 +181,23 @@ CREATE TRIGGER task_ready_update AFTER UPDATE OF state, agent ON tasks
     FOR EACH ROW WHEN (NEW.state = 'queued' AND NEW.agent IS NOT NULL)
     EXECUTE FUNCTION corral_task_ready();
 
+-- A log that grew, or an execution that ended, wakes whoever follows it on any node.
+CREATE FUNCTION corral_log_grew() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('corral_log', NEW.execution_id::text);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER log_grew AFTER INSERT ON log_chunks
+    FOR EACH ROW EXECUTE FUNCTION corral_log_grew();
+CREATE FUNCTION corral_execution_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('corral_log', NEW.id::text);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER execution_ended AFTER UPDATE OF status ON executions
+    FOR EACH ROW WHEN (OLD.status = 'running' AND NEW.status <> 'running')
+    EXECUTE FUNCTION corral_execution_ended();
+
 -- The local calendar day is the session's TimeZone, which each daemon sets to its own.
 CREATE FUNCTION corral_usage() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
