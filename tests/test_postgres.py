@@ -340,3 +340,18 @@ async def test_an_execution_no_worker_holds_goes_back_to_the_queue(
         again = await store.get_task(lost.id, with_executions=True)
         assert again.state == "queued" and again.executions[0].status == "interrupted"
         assert await store.release_orphans([], started - 1) == 0  # too young to judge
+
+
+async def test_daemons_starting_together_migrate_once(pg_cluster: pg.PgCluster) -> None:
+    from corral.storage.migrate import load_migrations
+
+    url = await pg_cluster.new_database()
+    stores = [PostgresStore(url, node_id=f"n{n}") for n in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        rows = await db_rows(url, "SELECT version FROM schema_migrations ORDER BY version")
+        assert [r[0] for r in rows] == [m.version for m in load_migrations("postgres")]
+        nodes = await db_rows(url, "SELECT node_id FROM nodes ORDER BY node_id")
+        assert [r[0] for r in nodes] == ["n0", "n1", "n2", "n3"]
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))

@@ -8,9 +8,12 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from corral.errors import BadRequest, Conflict, NotFound
 from corral.executor.pool import balance
 from corral.models import ExecStatus, Execution, Task, TaskState
-from corral.storage.base import Store
+from corral.storage.base import Finished, Store, TaskFilter
 from corral.storage.migrate import load_migrations
 from corral.storage.sqlite import SqliteStore
 from tests.conftest import MakeStore
@@ -266,3 +269,149 @@ async def test_a_claim_says_when_the_next_delayed_task_is_due(
     await store.update_task(later.id, run_after=now + 60)
     claim = await store.claim_many({"local": 2}, balance, tmp_path, limit=2)
     assert claim.tasks == [] and claim.next_ready_at == now + 30
+
+
+# -- the rest of the protocol, on both backends -----------------------------------------------
+
+
+async def finish(store: Store, task: Task, execution: Execution, state: TaskState, *,
+                 cost: float = 0.0) -> Finished:
+    status = ExecStatus.SUCCEEDED if state == TaskState.SUCCEEDED else ExecStatus.FAILED
+    return await store.finish(execution.id, task.id, task={"state": state},
+                              execution={"status": status, "cost_usd": cost, "tokens_in": 10,
+                                         "tokens_out": 5, "cost_estimated": 0})
+
+
+async def test_dependencies_release_and_cancel_down_the_chain(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    store = await make_store()
+    first = await store.create_task("1", agent="local", pinned=True)
+    second = await store.create_task("2", agent="local", pinned=True, after=[first.id])
+    third = await store.create_task("3", agent="local", pinned=True, after=[second.id])
+    fourth = await store.create_task("4", agent="local", pinned=True, after=[third.id])
+    assert (second.state, second.depends_on) == (TaskState.BLOCKED, [first.id])
+    running = await claim(store, {"local": 4}, tmp_path)
+    assert running is not None and running[0].id == first.id  # the blocked ones wait
+    assert await claim(store, {"local": 4}, tmp_path) is None
+    done = await finish(store, *running, TaskState.SUCCEEDED)
+    assert done.dependents == {second.id: TaskState.QUEUED}
+    running = await claim(store, {"local": 4}, tmp_path)
+    assert running is not None and running[0].id == second.id
+    failed = await finish(store, *running, TaskState.FAILED)
+    assert failed.dependents == {third.id: TaskState.CANCELLED,
+                                             fourth.id: TaskState.CANCELLED}
+    assert (await store.get_task(fourth.id)).error == f"dependency {third.id} cancelled"
+    doomed = await store.create_task("5", agent="local", pinned=True, after=[second.id])
+    assert doomed.state == TaskState.CANCELLED
+    again, cancelled = await store.requeue(second.id)
+    assert again.state == TaskState.QUEUED and again.attempts == 0
+    assert cancelled == [third.id, doomed.id]
+    with pytest.raises(BadRequest):
+        await store.create_task("x", after=[999_999])
+    with pytest.raises(Conflict):
+        await store.requeue(again.id)
+    assert (await store.get_task(second.id)).dependents == [third.id, doomed.id]
+
+
+async def test_a_reply_waits_for_the_run_and_queues_the_task_again(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    store = await make_store()
+    task = await store.create_task("first", agent="local", pinned=True)
+    running = await claim(store, {"local": 1}, tmp_path)
+    assert running is not None
+    waiting = await store.add_reply(task.id, "and then?", agent=None)
+    assert waiting.state == TaskState.RUNNING  # kept until the run ends
+    after = await finish(store, *running, TaskState.SUCCEEDED)
+    assert after.state == TaskState.QUEUED
+    again = await claim(store, {"local": 1}, tmp_path)
+    assert again is not None and again[1].prompt == "and then?"
+    await finish(store, *again, TaskState.SUCCEEDED)
+    resumed = await store.add_reply(task.id, "one more", agent="local")
+    assert (resumed.state, resumed.current_prompt, resumed.pinned) == (
+        TaskState.QUEUED, "one more", True)
+    with pytest.raises(NotFound):
+        await store.add_reply(999_999, "x", agent=None)
+
+
+async def test_pages_filters_totals_and_counters(make_store: MakeStore, tmp_path: Path) -> None:
+    store = await make_store()
+    made = [await store.create_task(f"t{n}", agent=("claude" if n % 3 else "local"),
+                                    pinned=True) for n in range(25)]
+    seen: list[int] = []
+    before = None
+    while True:
+        page = await store.list_tasks(TaskFilter(before=before), limit=7)
+        seen += [t.id for t in page.tasks]
+        if (before := page.next) is None:
+            break
+    assert seen == sorted((t.id for t in made), reverse=True)
+    local = await store.list_tasks(TaskFilter(agent="local"), limit=100)
+    assert [t.id for t in local.tasks] == sorted((t.id for t in made[::3]), reverse=True)
+    with pytest.raises(NotFound):
+        await store.list_tasks(TaskFilter(before=999_999))
+    claimed = (await store.claim_many({"local": 2, "claude": 1}, balance, tmp_path,
+                                      limit=3)).tasks
+    for n, (task, execution) in enumerate(claimed):
+        await finish(store, task, execution,
+                     TaskState.SUCCEEDED if n else TaskState.FAILED, cost=0.5)
+    totals = await store.execution_totals([t.id for t, _ in claimed] + [made[-1].id])
+    assert sorted(totals) == sorted(t.id for t, _ in claimed)
+    assert all(v["executions"] == 1 and v["cost_usd"] == 0.5 and v["tokens_in"] == 10
+               for v in totals.values())
+    stats = await store.stats()
+    assert stats["tasks"]["queued"] == 22 and stats["tasks"]["succeeded"] == 2
+    assert stats["tasks"]["failed"] == 1
+    assert sum(a["executions"] for a in stats["agents"].values()) == 3
+    assert sum(a["tokens_out"] for a in stats["agents"].values()) == 15
+    by_agent = {g["agent"]: g for g in await store.usage("agent")}
+    assert sum(g["cost_usd"] for g in by_agent.values()) == 1.5
+    assert sum((await store.spend_since("2000-01-01")).values()) == 1.5
+    assert await store.spend_since("2999-01-01") == {}
+
+
+async def test_prune_cancel_classify_and_workspaces(make_store: MakeStore, tmp_path: Path) -> None:
+    from corral.models import Workspace
+
+    store = await make_store()
+    old = await store.create_task("old", agent="local", pinned=True)
+    running = await claim(store, {"local": 1}, tmp_path)
+    assert running is not None
+    await finish(store, *running, TaskState.SUCCEEDED)
+    kept = await store.create_task("kept", agent="local", pinned=True)
+    import time
+
+    dry = await store.prune(time.time() + 10, dry_run=True)
+    assert (dry.tasks, dry.executions) == (1, 1)
+    gone = await store.prune(time.time() + 10)
+    assert (gone.tasks, gone.executions, gone.log_dirs) == (1, 1, [running[1].log_dir])
+    with pytest.raises(NotFound):
+        await store.get_task(old.id)
+    assert (await store.stats())["tasks"]["succeeded"] == 0
+    cancelled = await store.cancel_queued(kept.id)
+    assert cancelled is not None and cancelled.state == TaskState.CANCELLED
+    assert await store.cancel_queued(kept.id) is None
+    auto = await store.create_task("auto")
+    assert [t.id for t in await store.unclassified()] == [auto.id]
+    await store.set_classification(auto.id, agent="local", model=None, reason="because")
+    assert await store.unclassified() == []
+    ws = Workspace(repo="/r", path="/w", branch="corral/1", base_commit="abc", state="active")
+    await store.set_workspace(auto.id, ws)
+    assert [t.workspace for t in await store.workspaces(["active"])] == [ws]
+
+
+async def test_schedules_and_one_firing_between_two_daemons(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    schedule = await a.add_schedule("* * * * *", "tick", {"agent": "local"}, 100.0)
+    assert [s.options for s in await b.schedules()] == [{"agent": "local"}]
+    taken = await asyncio.gather(a.take_firing(schedule.id, None, 160.0),
+                                 b.take_firing(schedule.id, None, 160.0))
+    assert sorted(taken) == [False, True]
+    assert await b.take_firing(schedule.id, 160.0, 220.0)
+    await a.schedule_fired(schedule.id, 220.0, 7)
+    fired = (await b.schedules())[0]
+    assert (fired.last_fired_at, fired.last_task_id) == (220.0, 7)
+    await b.remove_schedule(schedule.id)
+    with pytest.raises(NotFound):
+        await a.remove_schedule(schedule.id)

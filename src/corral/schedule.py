@@ -1,6 +1,7 @@
 """Schedules: cron expressions that submit a task at each firing.
 
-Expressions are parsed and stepped by croniter, in the daemon's local time. A firing whose
+Expressions are parsed and stepped by croniter, in the daemon's local time. Daemons sharing a queue
+fire each firing once between them. A firing whose
 schedule still has a task queued, blocked or running is skipped (with a log line). After the
 daemon was down, a schedule that missed firings fires once at start, not once per missed slot.
 The scheduler sleeps until the next firing, woken early when schedules change.
@@ -75,7 +76,12 @@ class Scheduler:
         self._wake.set()
 
     async def add(self, cron: str, prompt: str, options: Mapping[str, Any]) -> Schedule:
-        schedule = await self.store.add_schedule(check_cron(cron), prompt, dict(options),
+        """A schedule; one with a working dir fires its tasks for this node (the dir is this
+        host's) unless its options name another node or any."""
+        options = dict(options)
+        if options.get("workdir") and not options.get("node"):
+            options["node"] = self.store.node_id
+        schedule = await self.store.add_schedule(check_cron(cron), prompt, options,
                                                  self.clock())
         self.wake()
         return self.described(schedule)
@@ -120,6 +126,10 @@ class Scheduler:
         return soonest
 
     async def _fire(self, schedule: Schedule, now: float) -> None:
+        # Every daemon on a shared queue runs a scheduler: the first to take the firing
+        # fires it, the others find it taken.
+        if not await self.store.take_firing(schedule.id, schedule.last_fired_at, now):
+            return
         if schedule.last_task_id is not None:
             try:
                 last = await self.store.get_task(schedule.last_task_id)

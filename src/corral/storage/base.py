@@ -201,4 +201,9 @@ class Store(Protocol):
 
     async def schedule_fired(self, schedule_id: int, at: float, task_id: int | None) -> None: ...
 
+    async def take_firing(self, schedule_id: int, seen: float | None, at: float) -> bool:
+        """Mark the schedule fired at ``at`` if its last firing is still ``seen``; False when
+        another daemon took this firing first."""
+        ...
+
     async def usage(self, by: str, since: str | None = None) -> list[dict[str, Any]]: ...

@@ -613,6 +613,11 @@ class PostgresStore:
                                " last_task_id = COALESCE($2, last_task_id) WHERE id = $3",
                                at, task_id, schedule_id)
 
+    async def take_firing(self, schedule_id: int, seen: float | None, at: float) -> bool:
+        return bool(await self._db.execute(
+            "UPDATE schedules SET last_fired_at = $1 WHERE id = $2"
+            " AND last_fired_at IS NOT DISTINCT FROM $3", at, schedule_id, seen))
+
     # -- stats ---------------------------------------------------------------------------------
 
     async def spend_since(self, day: str) -> dict[str, float]:

@@ -657,6 +657,11 @@ class SqliteStore:
                           " last_task_id = COALESCE(?, last_task_id) WHERE id = ?",
                           (at, task_id, schedule_id))
 
+    async def take_firing(self, schedule_id: int, seen: float | None, at: float) -> bool:
+        return bool(await self._write(
+            "UPDATE schedules SET last_fired_at = ? WHERE id = ? AND last_fired_at IS ?",
+            (at, schedule_id, seen)))
+
     # -- stats ---------------------------------------------------------------------------------
 
     async def spend_since(self, day: str) -> dict[str, float]:
