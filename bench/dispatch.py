@@ -8,6 +8,7 @@ daemon's RSS with 200 LocalRunner streams in flight at once.
 
     .venv/bin/python -m bench.dispatch [--tasks 5000] [--clients 50] [--rounds 3] [--dir D]
                                        [--submitters raw|aiohttp]
+    .venv/bin/python -m bench.dispatch --store postgresql://…|temp   (see bench.shared_queue)
 
 Both peers keep their files in the same place (``--dir``, else the temp dir). What creating a
 file costs there is printed too: on some disks it dominates both peers' time per task.
@@ -322,5 +323,13 @@ if __name__ == "__main__":
                              " does (default), or aiohttp's client, which costs more CPU")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where both peers keep their files (default: the temp dir)")
+    parser.add_argument("--store", default=None,
+                        help="a PostgreSQL URL (or temp, for a throwaway cluster): 1, 2 and 3"
+                             " daemons on one queue beside procrastinate (bench.shared_queue)")
     args = parser.parse_args()
-    asyncio.run(main(args.tasks, args.clients, args.rounds, args.dir, args.submitters))
+    if args.store:
+        from bench import shared_queue
+
+        asyncio.run(shared_queue.main(args.store, args.tasks, args.clients, args.rounds))
+    else:
+        asyncio.run(main(args.tasks, args.clients, args.rounds, args.dir, args.submitters))

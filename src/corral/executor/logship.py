@@ -65,14 +65,16 @@ class LogShipper:
 
     async def _run(self) -> None:
         while True:
+            # At most one turn per interval, the first one too: a run that ends within it
+            # (most tasks of bench.dispatch --store) is shipped once, by close.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._min_interval_s):
+                    await self._closed.wait()
             await self._grew.wait()
             self._grew.clear()
             await self._ship_all()
             if self._closed.is_set():
                 return
-            with contextlib.suppress(TimeoutError):  # at most one turn per interval
-                async with asyncio.timeout(self._min_interval_s):
-                    await self._closed.wait()
 
     async def _ship_all(self) -> None:
         try:

@@ -58,18 +58,24 @@ _SET_WORKSPACE = (
     "UPDATE tasks SET ws_repo = $1, ws_path = $2, ws_branch = $3, ws_base_commit = $4,"
     " ws_subdir = $5, ws_state = $6, ws_base_branch = $7, updated_at = $8 WHERE id = $9"
 )
-# The id is drawn first so the log folder's name needs no second write.
-_INSERT_EXEC = (
-    "WITH n AS (SELECT nextval(pg_get_serial_sequence('executions', 'id')) AS id)"
-    " INSERT INTO executions (id, task_id, agent, model, status, started_at, prompt, log_dir,"
-    " node_id) SELECT n.id, $1, $2, $3, 'running', $4, $5, $6 || n.id, $7 FROM n"
-    f" RETURNING {rows.EXEC_COLS}"
-)
+# Candidates in (priority, id) order; those other daemons hold locked are skipped.
 _CLAIM = (
     f"SELECT {rows.TASK_COLS} FROM tasks WHERE state = 'queued' AND run_after <= $1"
     " AND agent IS NOT NULL AND (node IS NULL OR node = $2)"
-    " AND (NOT pinned OR agent = ANY($3::text[]))"
-    " ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    " AND (NOT pinned OR agent = ANY($3::text[])) AND NOT id = ANY($4::bigint[])"
+    " ORDER BY priority DESC, id LIMIT $5 FOR UPDATE SKIP LOCKED"
+)
+# The ids are drawn first so each log folder's name needs no second write.
+_START = (
+    "WITH picked AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[],"
+    " $5::text[], $6::text[]) AS p (id, attempts, agent, reason, model, prompt)),"
+    " marked AS (UPDATE tasks t SET state = 'running', attempts = p.attempts, agent = p.agent,"
+    " classifier_reason = p.reason, updated_at = $7 FROM picked p WHERE t.id = p.id),"
+    " numbered AS (SELECT p.*, nextval(pg_get_serial_sequence('executions', 'id')) AS eid"
+    " FROM picked p)"
+    " INSERT INTO executions (id, task_id, agent, model, status, started_at, prompt, log_dir,"
+    " node_id) SELECT eid, id, agent, model, 'running', $7, prompt, $8 || eid, $9"
+    f" FROM numbered RETURNING {rows.EXEC_COLS}"
 )
 _NEXT_READY = ("SELECT MIN(run_after) FROM tasks WHERE state = 'queued' AND run_after > 0"
                " AND run_after > $1")
@@ -209,14 +215,16 @@ class PostgresStore:
                 _INSERT_TASK, prompt, requested_agent, requested_model, agent, model, pinned,
                 classifier_reason, workdir, priority, max_retries, timeout_s, isolate, base_ref,
                 max_cost_usd, schedule_id, node, str(state), error, now)))
-            await dependencies.record(c, task.id, waits_for)
+            if waits_for:
+                await dependencies.record(c, task.id, waits_for)
             task.depends_on = waits_for
             if workspace is not None:
                 task.workspace = workspace(task.id)
                 await self._write_workspace(c, task.id, task.workspace, now)
             return task
 
-        return await self._db.run(insert)
+        # A lone insert is atomic by itself: no BEGIN and COMMIT round trips.
+        return await self._db.run(insert, transaction=bool(waits_for or workspace))
 
     @staticmethod
     async def _write_workspace(c: C, task_id: int, ws: Workspace, now: float) -> None:
@@ -368,11 +376,16 @@ class PostgresStore:
             left = dict(slots)
             await self._apply_caps(c, left)
             claimed: list[tuple[Task, Execution]] = []
+            seen: list[int] = []  # locked by this claim already (SKIP LOCKED does not skip them)
             while left and len(claimed) < limit:
-                row = await c.fetchrow(_CLAIM, now, self.node_id, sorted(left))
-                if row is None:
+                wanted = limit - len(claimed)
+                found = await c.fetch(_CLAIM, now, self.node_id, sorted(left), seen, wanted)
+                seen += [r[0] for r in found]
+                picked = [t for t in map(rows.task, found) if self._fits(t, left, balance)]
+                if picked:
+                    claimed += await self._start(c, picked, now, prefix)
+                if len(found) < wanted:
                     break
-                claimed.append(await self._start(c, rows.task(row), left, balance, now, prefix))
             return Claimed(claimed, await c.fetchval(_NEXT_READY, now))
 
         return await self._db.run(claim)
@@ -391,24 +404,31 @@ class PostgresStore:
             if slots[agent] <= 0:
                 del slots[agent]
 
-    async def _start(self, c: C, task: Task, slots: dict[str, int], balance: Balancer,
-                     now: float, prefix: str) -> tuple[Task, Execution]:
+    @staticmethod
+    def _fits(task: Task, slots: dict[str, int], balance: Balancer) -> bool:
+        """Whether a candidate gets a slot (taken from ``slots``); an unpinned one is balanced."""
+        if not slots or (task.pinned and task.agent not in slots):
+            return False  # its agent filled up with the candidates before it
         chosen = str(task.agent) if task.pinned else balance(task.agent, slots)
         if chosen != task.agent:
             task.classifier_reason = f"{task.classifier_reason}; balanced to {chosen}"
             task.agent = chosen
         task.state = TaskState.RUNNING
         task.attempts += 1
-        await c.execute("UPDATE tasks SET state = 'running', attempts = $1, agent = $2,"
-                        " classifier_reason = $3, updated_at = $4 WHERE id = $5",
-                        task.attempts, task.agent, task.classifier_reason, now, task.id)
-        execution = rows.execution(rows.got(await c.fetchrow(
-            _INSERT_EXEC, task.id, task.agent, task.model, now,
-            task.current_prompt or task.prompt, prefix, self.node_id)))
         slots[chosen] -= 1
         if slots[chosen] <= 0:
             del slots[chosen]
-        return task, execution
+        return True
+
+    async def _start(self, c: C, tasks: list[Task], now: float,
+                     prefix: str) -> list[tuple[Task, Execution]]:
+        """The picked tasks marked running and their executions opened: one statement."""
+        opened = await c.fetch(
+            _START, [t.id for t in tasks], [t.attempts for t in tasks], [t.agent for t in tasks],
+            [t.classifier_reason for t in tasks], [t.model for t in tasks],
+            [t.current_prompt or t.prompt for t in tasks], now, prefix, self.node_id)
+        by_task = {e.task_id: e for e in map(rows.execution, opened)}
+        return [(t, by_task[t.id]) for t in tasks]
 
     async def unpin_unavailable(self, registered: Iterable[str]) -> int:
         """Queued tasks pinned to an agent that no live node has registered go back to the
@@ -441,11 +461,13 @@ class PostgresStore:
             "UPDATE tasks SET agent = $1, model = $2, classifier_reason = $3, updated_at = $4"
             " WHERE id = $5", agent, model, reason, self._clock(), task_id)
 
-    def _task_update(self, task_id: int, fields: dict[str, Any]) -> tuple[str, list[Any]]:
+    def _task_update(self, task_id: int, fields: dict[str, Any],
+                     first: int = 1) -> tuple[str, list[Any]]:
+        """``UPDATE tasks …`` with its placeholders numbered from ``first``."""
         values = rows.task_values(fields)
-        sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, 1))
-        n = len(values)
-        return (f"UPDATE tasks SET {sets}, updated_at = ${n + 1} WHERE id = ${n + 2}",
+        sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, first))
+        n = first + len(values)
+        return (f"UPDATE tasks SET {sets}, updated_at = ${n} WHERE id = ${n + 1}",
                 [*values.values(), self._clock(), task_id])
 
     async def update_task(self, task_id: int, **fields: Any) -> Finished:
@@ -515,28 +537,38 @@ class PostgresStore:
         now = self._clock()
         values = rows.result_values(execution, now)
         sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(values, 1))
-        task_sql, task_args = self._task_update(task_id, task)
+        exec_id = len(values) + 1
+        task_sql, task_args = self._task_update(task_id, task, first=exec_id + 1)
+        tid = f"${exec_id + len(task_args)}"  # the task's id, last of the task's arguments
         state = TaskState(task["state"]) if "state" in task else None
         changed = [(execution_id, f.path, f.insertions, f.deletions) for f in files]
+        # One statement records both and says what else there is to do: most attempts have
+        # no reply waiting and no task waiting for them.
+        sql = (f"WITH e AS (UPDATE executions SET {sets} WHERE id = ${exec_id}"
+               f" AND status = 'running' RETURNING id), t AS ({task_sql}"
+               " AND EXISTS (SELECT 1 FROM e))"
+               " SELECT EXISTS (SELECT 1 FROM e), EXISTS (SELECT 1 FROM replies"
+               f" WHERE task_id = {tid} AND taken_at IS NULL), EXISTS (SELECT 1 FROM task_deps"
+               f" WHERE depends_on = {tid}), (SELECT state FROM tasks WHERE id = {tid})")
 
         async def write(c: C) -> Finished:
-            status = await c.execute(
-                f"UPDATE executions SET {sets} WHERE id = ${len(values) + 1}"
-                " AND status = 'running'", *values.values(), execution_id)
-            if status.endswith(" 0"):
-                current = await c.fetchval("SELECT state FROM tasks WHERE id = $1", task_id)
+            recorded, replies, dependents, current = rows.got(await c.fetchrow(
+                sql, *values.values(), execution_id, *task_args))
+            if not recorded:
                 return Finished(TaskState(current or TaskState.QUEUED), {})
-            await c.executemany(
-                "INSERT INTO execution_files VALUES ($1, $2, $3, $4) ON CONFLICT"
-                " (execution_id, path) DO UPDATE SET insertions = EXCLUDED.insertions,"
-                " deletions = EXCLUDED.deletions", changed)
-            await c.execute(task_sql, *task_args)
+            if changed:
+                await c.executemany(
+                    "INSERT INTO execution_files VALUES ($1, $2, $3, $4) ON CONFLICT"
+                    " (execution_id, path) DO UPDATE SET insertions = EXCLUDED.insertions,"
+                    " deletions = EXCLUDED.deletions", changed)
             after = state
-            if state in (TaskState.SUCCEEDED, TaskState.FAILED):
+            if replies and state in (TaskState.SUCCEEDED, TaskState.FAILED):
                 after = await self._take_reply(c, task_id, now) or state
-            elif state == TaskState.CANCELLED:
+            elif replies and state == TaskState.CANCELLED:
                 await c.execute("UPDATE replies SET taken_at = $1 WHERE task_id = $2"
                                 " AND taken_at IS NULL", now, task_id)
+            if not dependents:
+                return Finished(after or TaskState.QUEUED, {})
             return await _settled(c, task_id, after, now)
 
         return await self._db.run(write)
@@ -636,7 +668,8 @@ class PostgresStore:
 
     async def stats(self) -> dict[str, Any]:
         async def read(c: C) -> tuple[list[Any], list[Any]]:
-            states = await c.fetch("SELECT state, tasks FROM task_counts")
+            states = await c.fetch("SELECT state, SUM(tasks)::bigint FROM task_counts"
+                                   " GROUP BY state")
             agents = await c.fetch(
                 "SELECT agent, SUM(executions)::bigint, SUM(succeeded)::bigint,"
                 " SUM(failed)::bigint, SUM(rate_limited)::bigint, SUM(cost_usd),"

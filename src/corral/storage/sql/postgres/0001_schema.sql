@@ -123,12 +123,17 @@ CREATE TABLE usage_daily (
     rate_limited       BIGINT           NOT NULL DEFAULT 0,
     duration_ms        BIGINT           NOT NULL DEFAULT 0,
     cost_estimated_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, agent, model)
+    shard              SMALLINT         NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, agent, model, shard)
 );
 
+-- Counters are kept in shards, one per server process modulo 16 (readers sum them): one row
+-- per state would be a lock every concurrent submit, claim and finish waits for.
 CREATE TABLE task_counts (
-    state TEXT   PRIMARY KEY,
-    tasks BIGINT NOT NULL
+    state TEXT     NOT NULL,
+    shard SMALLINT NOT NULL,
+    tasks BIGINT   NOT NULL,
+    PRIMARY KEY (state, shard)
 );
 
 -- The daemons sharing this queue: each writes its heartbeat; a stale one is presumed dead.
@@ -155,11 +160,12 @@ CREATE TABLE log_chunks (
 CREATE FUNCTION corral_task_counts() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE task_counts SET tasks = tasks - 1 WHERE state = OLD.state;
+        INSERT INTO task_counts VALUES (OLD.state, pg_backend_pid() % 16, -1)
+            ON CONFLICT (state, shard) DO UPDATE SET tasks = task_counts.tasks - 1;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO task_counts VALUES (NEW.state, 1)
-            ON CONFLICT (state) DO UPDATE SET tasks = task_counts.tasks + 1;
+        INSERT INTO task_counts VALUES (NEW.state, pg_backend_pid() % 16, 1)
+            ON CONFLICT (state, shard) DO UPDATE SET tasks = task_counts.tasks + 1;
     END IF;
     RETURN NULL;
 END $$;
@@ -203,14 +209,15 @@ CREATE FUNCTION corral_usage() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO usage_daily AS u (day, agent, model, executions, cost_usd, tokens_in,
                                   tokens_out, succeeded, failed, rate_limited, duration_ms,
-                                  cost_estimated_usd)
+                                  cost_estimated_usd, shard)
     VALUES (to_char(to_timestamp(NEW.finished_at), 'YYYY-MM-DD'), NEW.agent,
             COALESCE(NEW.model, ''), 1, COALESCE(NEW.cost_usd, 0), COALESCE(NEW.tokens_in, 0),
             COALESCE(NEW.tokens_out, 0), (NEW.status = 'succeeded')::int,
             (NEW.status = 'failed')::int, (NEW.status = 'rate_limited')::int,
             trunc((NEW.finished_at - NEW.started_at) * 1000)::bigint,
-            CASE WHEN NEW.cost_estimated THEN COALESCE(NEW.cost_usd, 0) ELSE 0 END)
-    ON CONFLICT (day, agent, model) DO UPDATE SET
+            CASE WHEN NEW.cost_estimated THEN COALESCE(NEW.cost_usd, 0) ELSE 0 END,
+            pg_backend_pid() % 16)
+    ON CONFLICT (day, agent, model, shard) DO UPDATE SET
         executions = u.executions + 1,
         cost_usd = u.cost_usd + EXCLUDED.cost_usd,
         tokens_in = u.tokens_in + EXCLUDED.tokens_in,
