@@ -355,3 +355,39 @@ async def test_daemons_starting_together_migrate_once(pg_cluster: pg.PgCluster) 
         assert [r[0] for r in nodes] == ["n0", "n1", "n2", "n3"]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_cancel_nodes_and_reply_across_nodes(
+    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
+    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+) -> None:
+    url = await pg_cluster.new_database()
+    fake = await fake_openai()
+    fake.default = Reply(text="slow " * 50, chunks=50, chunk_delay_s=0.1)
+    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
+    try:
+        a = await nodes.start("a")
+        await nodes.start("b")
+        code, out, err = await cli("nodes", socket=nodes.daemons["a"].socket_path)
+        assert code == 0, err
+        assert out.splitlines()[0].startswith("a (this one): ") and out.splitlines()[1][:3] == "b: "
+        task = await a.submit(prompt="long", agent="local", node="b")
+
+        async def running() -> bool:
+            return bool(await db_rows(url, "SELECT 1 FROM executions WHERE status = 'running'"))
+
+        await until(running, timeout_s=20, every_s=0.05)
+        status, cancelled = await a.call("POST", f"/tasks/{task['id']}/cancel")
+        assert status == 200 and cancelled["state"] == "cancelled", cancelled
+        assert cancelled["executions"][0]["node_id"] == "b"
+        assert cancelled["executions"][0]["status"] == "cancelled"
+        # A reply goes on where the task ran: its session and logs are on b.
+        fake.default = Reply(text="short")
+        status, replied = await a.call("POST", f"/tasks/{task['id']}/reply",
+                                       json={"prompt": "again, briefly"})
+        assert status == 200 and replied["node"] == "b"
+        done = await a.wait(task["id"])
+        assert done["state"] == "succeeded"
+        assert [e["node_id"] for e in done["executions"]] == ["b", "b"]
+    finally:
+        await nodes.stop_all()

@@ -336,6 +336,21 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nodes(args: argparse.Namespace) -> int:
+    data = _client(args).request("GET", "/nodes")
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    now = time.time()
+    for n in data["nodes"]:
+        beat = ("" if n["heartbeat_at"] is None
+                else f", heartbeat {max(now - n['heartbeat_at'], 0):.0f}s ago")
+        agents = "" if n["agents"] is None else f", agents {', '.join(n['agents']) or 'none'}"
+        mark = " (this one)" if n["node_id"] == data["this"] else ""
+        print(f"{n['node_id']}{mark}: {n['host']} pid {n['pid']}{beat}{agents}")
+    return EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     data = _client(args).request("GET", "/stats", query={"by": args.by, "since": args.since})
     if args.json:
@@ -446,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     sub.add_parser("workspaces", parents=[common], help="each task's worktree and branch")
     sub.add_parser("agents", parents=[common], help="agents and their state")
+    sub.add_parser("nodes", parents=[common], help="the daemons sharing this queue")
     p = sub.add_parser("stats", parents=[common], help="counts, cost and tokens")
     p.add_argument("--by", choices=["day", "agent", "model"], help="per group")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="from this day on (with --by)")
@@ -467,7 +483,7 @@ COMMANDS = {
     "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel, "retry": cmd_retry,
     "reply": cmd_reply, "diff": cmd_diff, "merge": cmd_merge, "discard": cmd_discard,
     "workspaces": cmd_workspaces, "schedule": cmd_schedule,
-    "agents": cmd_agents, "stats": cmd_stats, "prune": cmd_prune,
+    "agents": cmd_agents, "nodes": cmd_nodes, "stats": cmd_stats, "prune": cmd_prune,
     "mcp": cmd_mcp, "ui": cmd_ui,
 }
 

@@ -301,6 +301,7 @@ async def running_daemon(
                     known_agents=settings.agent_names())
         store.on_ready(pool.wake)  # tasks stored by other nodes
         store.on_log(pool.log_grew)  # their logs, for followers here
+        store.on_cancel(pool.cancel_requested)  # cancels asked for on other nodes
         scheduler = Scheduler(store, pool.submit, clock=clock)
         retention = Retention(store, data_dir / "executions", settings.daemon.keep_days,
                               clock=clock)

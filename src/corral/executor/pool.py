@@ -276,13 +276,37 @@ class Pool:
             return await self.store.get_task(task_id, with_executions=True)
         job = self._jobs.get(task_id)
         if job is None:
-            task = await self.store.get_task(task_id)
+            task = await self.store.get_task(task_id, with_executions=True)
+            if task.state == TaskState.RUNNING and self.store.shared and task.executions:
+                return await self._cancel_elsewhere(task)
             raise Conflict(f"task {task_id} is already {task.state}; nothing to cancel")
         job.cancel_reason = "cancelled"
         if job.worker is not None:
             job.worker.cancel()
         await job.done.wait()
         return await self.store.get_task(task_id, with_executions=True)
+
+    def cancel_requested(self, task_id: int) -> None:
+        """Another node asked for this task to be cancelled: done if it runs here."""
+        job = self._jobs.get(task_id)
+        if job is not None and job.worker is not None:
+            job.cancel_reason = "cancelled"
+            job.worker.cancel()
+
+    async def _cancel_elsewhere(self, task: Task) -> Task:
+        """The task runs on another node of a shared queue: that node is asked, and this
+        waits (for its grace period and a little) until it has recorded the end."""
+        execution = task.executions[-1]
+        with self.watch_execution(execution.id) as ended:
+            await self.store.request_cancel(task.id)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.grace_s + self.settings.kill_grace_seconds + 5):
+                    while (await self.store.get_execution(execution.id)).status == "running":
+                        ended.clear()
+                        with contextlib.suppress(TimeoutError):  # a missed notification
+                            async with asyncio.timeout(1.0):
+                                await ended.wait()
+        return await self.store.get_task(task.id, with_executions=True)
 
     def check_agent(self, agent: str) -> None:
         """A 400 for a name that is no agent corral knows."""
@@ -522,7 +546,7 @@ class Pool:
             for (task, execution), folder in zip(claim.tasks, folders, strict=True):
                 slot = self.agents[task.agent or ""]
                 job = _Job(task, slot, execution, folder)
-                if self.store.shares_logs:
+                if self.store.shared:
                     job.shipper = LogShipper(execution.id, folder / STDOUT_LOG,
                                              self.store.append_log)
                 self._jobs[task.id] = job

@@ -273,7 +273,7 @@ async def task_log(request: web.Request) -> web.StreamResponse:
     pool = request.app[POOL_KEY]
     store = request.app[STORE_KEY]
     execution = await _execution_to_show(pool, store, _task_id(request), query)
-    elsewhere = execution.node_id not in (None, store.node_id) and store.shares_logs
+    elsewhere = execution.node_id not in (None, store.node_id) and store.shared
     if elsewhere and query.stream == "stderr":
         raise NotFound(f"execution {execution.id} ran on node {execution.node_id}; its"
                        " stderr.log is on that node")
@@ -356,6 +356,11 @@ async def agents(request: web.Request) -> web.Response:
     return web.json_response({"agents": request.app[POOL_KEY].agents_state()})
 
 
+async def nodes(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    return web.json_response({"this": store.node_id, "nodes": await store.nodes()})
+
+
 async def stats(request: web.Request) -> web.Response:
     query = parse_query(StatsQuery, request.query)
     store = request.app[STORE_KEY]
@@ -420,6 +425,9 @@ ROUTES = (
           "An execution's log as stream-json lines, optionally followed live.",
           query=LogQuery, content_type="application/x-ndjson", errors=(400, 404)),
     Route("GET", "/agents", agents, "agents", "Agents, their slots and cool-downs."),
+    Route("GET", "/nodes", nodes, "nodes",
+          "The daemons on this queue (several with a PostgreSQL store): id, host, pid,"
+          " heartbeat, agents; which one answers."),
     Route("GET", "/stats", stats, "stats",
           "Counts, cost and tokens; with by=day|agent|model, per group (since a day).",
           query=StatsQuery, errors=(400,)),

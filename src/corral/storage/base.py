@@ -108,11 +108,23 @@ class Store(Protocol):
         """Call ``wake`` when a task becomes ready that another process stored."""
         ...
 
-    # Whether other daemons read this store: then each execution's log is copied into it
-    # as it is written (``append_log``) for ``logs`` on any node (``read_log``, ``on_log``).
-    shares_logs: bool
+    # Whether other daemons share this store (nodes). Then each execution's log is copied
+    # into it as it is written (``append_log``) for ``logs`` on any node (``read_log``,
+    # ``on_log``), and a cancel reaches the node running the task (``request_cancel``,
+    # ``on_cancel``).
+    shared: bool
 
     def on_log(self, grew: Callable[[int], None]) -> None: ...
+
+    def on_cancel(self, cancel: Callable[[int], None]) -> None: ...
+
+    async def request_cancel(self, task_id: int) -> None:
+        """Ask whichever node runs the task to cancel it."""
+        ...
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The daemons on this queue: id, host, pid, started, last heartbeat, agents."""
+        ...
 
     async def append_log(self, execution_id: int, seq: int, data: bytes) -> None: ...
 

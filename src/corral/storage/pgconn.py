@@ -41,6 +41,7 @@ LOST = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InterfaceError)
 READY_CHANNEL = "corral_ready"  # a task became ready (no payload)
 LOG_CHANNEL = "corral_log"  # an execution's log grew or it ended (its id)
+CANCEL_CHANNEL = "corral_cancel"  # cancel this task, whoever runs it (its id)
 
 
 def local_zone() -> str:

@@ -43,7 +43,7 @@ from corral.storage.base import (
     TaskPage,
 )
 from corral.storage.nodes import NodeInfo, Nodes, interrupt
-from corral.storage.pgconn import LOG_CHANNEL, READY_CHANNEL, Conn, Postgres
+from corral.storage.pgconn import CANCEL_CHANNEL, LOG_CHANNEL, READY_CHANNEL, Conn, Postgres
 
 C = Conn
 _TASK = f"SELECT {rows.TASK_COLS} FROM tasks WHERE id = $1"
@@ -120,7 +120,7 @@ class PostgresStore:
         self._clock = clock
         self._db = Postgres(url, reconnect_s=reconnect_s, migrate_upto=migrate_upto)
         self._caps = dict(global_max_concurrent or {})
-        self.nodes = Nodes(self._db, NodeInfo.this_process(node_id), heartbeat_s=heartbeat_s,
+        self.membership = Nodes(self._db, NodeInfo.this_process(node_id), heartbeat_s=heartbeat_s,
                            node_timeout_s=node_timeout_s, clock=clock) if register else None
 
     async def __aenter__(self) -> Self:
@@ -135,20 +135,20 @@ class PostgresStore:
     async def open(self) -> None:
         """Connect, migrate (once, however many daemons start together) and register."""
         await self._db.open()
-        if self.nodes is not None:
+        if self.membership is not None:
             try:
-                await self.nodes.start()
+                await self.membership.start()
             except BaseException:
                 await self._db.close()
                 raise
 
     async def close(self) -> None:
-        if self.nodes is not None:
-            await self.nodes.stop()
+        if self.membership is not None:
+            await self.membership.stop()
         await self._db.close()
 
     # Other nodes read this store, logs included.
-    shares_logs = True
+    shared = True
 
     def on_ready(self, wake: Callable[[], None]) -> None:
         """``wake`` is called when a task becomes ready on any node."""
@@ -157,6 +157,19 @@ class PostgresStore:
     def on_log(self, grew: Callable[[int], None]) -> None:
         """``grew(execution_id)`` when an execution's log grows or it ends, on any node."""
         self._db.listen(LOG_CHANNEL, lambda payload: grew(int(payload)) if payload else None)
+
+    def on_cancel(self, cancel: Callable[[int], None]) -> None:
+        """``cancel(task_id)`` when any node asks for a task to be cancelled."""
+        self._db.listen(CANCEL_CHANNEL, lambda payload: cancel(int(payload)) if payload else None)
+
+    async def request_cancel(self, task_id: int) -> None:
+        await self._db.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(task_id))
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        found = await self._all("SELECT node_id, host, pid, started_at, heartbeat_at, agents"
+                                " FROM nodes ORDER BY node_id")
+        return [{"node_id": r[0], "host": r[1], "pid": r[2], "started_at": r[3],
+                 "heartbeat_at": r[4], "agents": list(r[5])} for r in found]
 
     async def append_log(self, execution_id: int, seq: int, data: bytes) -> None:
         """Chunk ``seq`` of the execution's ``stdout.log`` (written again, the same)."""
@@ -249,11 +262,15 @@ class PostgresStore:
             if row is None:
                 raise NotFound(f"task {task_id} does not exist")
             if rows.task(row).state.final:
+                # It goes on where it ran last: the agent's session and the earlier logs
+                # live on that node.
                 await c.execute(
                     "UPDATE tasks SET state = 'queued', current_prompt = $1, attempts = 0,"
                     " rate_limit_requeues = 0, error = NULL, run_after = 0,"
                     " agent = COALESCE($2, agent), pinned = ($2::text IS NOT NULL OR pinned),"
-                    " updated_at = $3 WHERE id = $4", prompt, agent, now, task_id)
+                    " node = COALESCE(node, (SELECT node_id FROM executions WHERE task_id = $4"
+                    " ORDER BY id DESC LIMIT 1)), updated_at = $3 WHERE id = $4",
+                    prompt, agent, now, task_id)
             else:
                 await c.execute("INSERT INTO replies (task_id, prompt, created_at)"
                                 " VALUES ($1, $2, $3)", task_id, prompt, now)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -198,6 +199,7 @@ class SqliteStore:
     ) -> None:
         self.path = path
         self.node_id = node_id  # recorded on the executions it claims
+        self._opened_at: float | None = None
         self._clock = clock
         self._db = Database(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
                             readers=readers, migrate_upto=migrate_upto, trace=trace)
@@ -213,12 +215,13 @@ class SqliteStore:
 
     async def open(self) -> None:
         await self._db.open()
+        self._opened_at = self._clock()
 
     async def close(self) -> None:
         await self._db.close()
 
     # One daemon owns the file: its logs are its own files, never copied in here.
-    shares_logs = False
+    shared = False
 
     def on_ready(self, wake: Callable[[], None]) -> None:
         """Nothing to do: one daemon owns the file, and it wakes itself on its own writes."""
@@ -226,8 +229,18 @@ class SqliteStore:
     def on_log(self, grew: Callable[[int], None]) -> None:
         """Nothing to do: every execution's log is this daemon's own file."""
 
+    def on_cancel(self, cancel: Callable[[int], None]) -> None:
+        """Nothing to do: every running task is this daemon's own."""
+
+    async def request_cancel(self, task_id: int) -> None:
+        raise NotImplementedError("the SQLite store has one node (shared is false)")
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return [{"node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+                 "started_at": self._opened_at, "heartbeat_at": None, "agents": None}]
+
     async def append_log(self, execution_id: int, seq: int, data: bytes) -> None:
-        raise NotImplementedError("the SQLite store keeps no logs (shares_logs is false)")
+        raise NotImplementedError("the SQLite store keeps no logs (shared is false)")
 
     async def read_log(self, execution_id: int, after_seq: int = -1, *,
                        limit_bytes: int = 1 << 20) -> list[tuple[int, bytes]]:
