@@ -19,6 +19,7 @@ from tests.conftest import ApiClient, until
 from tests.daemon_proc import DaemonProcess, cli
 from tests.fakes.base import Reply
 from tests.fakes.openai import FakeOpenAI
+from tests.gitrepo import make_repo
 
 MakeFake = Callable[[], Awaitable[FakeOpenAI]]
 
@@ -321,6 +322,17 @@ async def test_a_task_with_a_dir_stays_on_its_node_unless_told(
         assert code == 0 and '"node": "b"' in out, err
         status, body = await a.call("POST", "/tasks", json={"prompt": "x", "node": "no spaces"})
         assert status == 400 and "node" in body["error"]["message"]
+        # A task in a repository gets its worktree on its node; the branch is landed there.
+        b = await nodes.start("b")
+        repo = make_repo(tmp_path / "repo", {"a.txt": "one\n"})
+        in_repo = await a.submit(prompt="p", agent="local", workdir=str(repo))
+        assert in_repo["node"] == "a" and in_repo["workspace"] is not None
+        done = await a.wait(in_repo["id"])
+        assert done["executions"][0]["node_id"] == "a"
+        status, body = await b.call("POST", f"/tasks/{in_repo['id']}/discard")
+        assert status == 409 and "on node a" in body["error"]["message"], body
+        status, _ = await a.call("POST", f"/tasks/{in_repo['id']}/discard")
+        assert status == 200
     finally:
         await nodes.stop_all()
 

@@ -40,6 +40,9 @@ class Landing:
                            f" it has no branch to {action}")
         if ws.state in ("merged", "discarded"):
             raise Conflict(f"task {task_id}'s branch was already {ws.state}")
+        if task.node is not None and task.node != self.store.node_id:
+            raise Conflict(f"task {task_id}'s worktree is on node {task.node}: {action} it"
+                           " there (corral --socket … on that host)", code="other_node")
         if idle and not task.state.final:
             raise Conflict(f"task {task_id} is {task.state}; {action} it once it has finished"
                            " (or cancel it first)")
