@@ -89,6 +89,17 @@ class PgCluster:
             await conn.close()
         return self.url(name)
 
+    async def role_with_password(self, role: str, password: str) -> None:
+        """A role that must give its password over TCP (every other role is trusted)."""
+        conn = await asyncpg.connect(self.url())
+        try:
+            await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        finally:
+            await conn.close()
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "reload")
+
     def log(self) -> str:
         with contextlib.suppress(OSError):
             return (self.folder / "server.log").read_text()[-4000:]

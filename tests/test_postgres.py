@@ -197,7 +197,8 @@ async def test_a_node_killed_and_restarted_at_once_takes_back_its_own_tasks(
         await nodes.stop_all()
 
 
-@pytest.mark.parametrize("case", ["refused", "no such role", "no such database"])
+@pytest.mark.parametrize("case", ["refused", "no such role", "no such database",
+                                  "wrong password"])
 async def test_a_store_that_cannot_be_reached_is_one_line_and_a_failed_start(
     case: str, tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
     socket_path: Callable[[], Path],
@@ -205,14 +206,17 @@ async def test_a_store_that_cannot_be_reached_is_one_line_and_a_failed_start(
     url = {"refused": f"postgresql://corral:hunter2@127.0.0.1:{pg.free_port()}/x",
            "no such role": f"postgresql://nobody:hunter2@127.0.0.1:{pg_cluster.port}/postgres",
            "no such database": f"postgresql://corral:hunter2@127.0.0.1:{pg_cluster.port}/nope",
+           "wrong password": f"postgresql://keyed:hunter2@127.0.0.1:{pg_cluster.port}/postgres",
            }[case]
+    if case == "wrong password":
+        await pg_cluster.role_with_password("keyed", "the-right-one")
     config = node_config(tmp_path, socket_path(), url, await fake_openai(), "x")
     code, out, err = await cli("serve", "--config", str(config))
     assert code == 1 and out == ""
     assert err.startswith("corral: cannot connect to postgresql://") and err.count("\n") == 1
     assert "hunter2" not in err
-    assert {"refused": "refused", "no such role": "nobody",
-            "no such database": "nope"}[case] in err
+    assert {"refused": "refused", "no such role": "nobody", "no such database": "nope",
+            "wrong password": "password authentication failed"}[case] in err
 
 
 async def test_a_global_cap_holds_across_nodes(pg_cluster: pg.PgCluster, tmp_path: Path) -> None:

@@ -168,8 +168,10 @@ class Nodes:
             try:
                 self.reaped += await self.beat()
             except (*LOST, Exception) as exc:  # the next beat tries again
+                if self._steady_since is not None:  # once per outage, not once per beat
+                    log.warning("heartbeat failed: %s", exc)
                 self._steady_since = None
-                log.warning("heartbeat failed: %s", exc)
             else:
                 if self._steady_since is None:
+                    log.warning("heartbeat restored")
                     self._steady_since = self._clock()
