@@ -117,13 +117,19 @@ class Postgres:
         while True:
             if self._pool is None:
                 raise StoreUnavailable("the database is not open")
+            used: Conn | None = None
             try:
                 async with self._pool.acquire() as conn:
+                    used = conn
                     if not transaction:
                         return await fn(conn)
                     async with conn.transaction():
                         return await fn(conn)
             except LOST as exc:
+                # An interface error on a connection still open is a misuse, not a loss.
+                if isinstance(exc, asyncpg.exceptions.InterfaceError) and used is not None \
+                        and not used.is_closed():
+                    raise
                 attempt += 1
                 delay = backoff_delay(attempt, base_s=0.1, cap_s=5.0)
                 if time.monotonic() + delay > deadline:
