@@ -66,9 +66,16 @@ class Nodes:
         proc.kill()
 
     async def stop_all(self) -> None:
-        for daemon in self.daemons.values():
-            if daemon.proc is not None and daemon.proc.returncode is None:
-                await daemon.stop()
+        """SIGTERM each; whatever is still running after that (a failed test) is killed."""
+        try:
+            for daemon in self.daemons.values():
+                if daemon.proc is not None and daemon.proc.returncode is None:
+                    await daemon.stop()
+        finally:
+            for daemon in self.daemons.values():
+                if daemon.proc is not None and daemon.proc.returncode is None:
+                    daemon.proc.kill()
+                    await daemon.proc.wait()
 
 
 async def db_rows(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
@@ -236,6 +243,8 @@ async def test_a_global_cap_holds_across_nodes(pg_cluster: pg.PgCluster, tmp_pat
         assert running == {"n1", "n2"}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_the_database_restarting_under_running_daemons_loses_nothing(
     tmp_path: Path, fake_openai: MakeFake, socket_path: Callable[[], Path],
     api_client: Callable[[Path], ApiClient],

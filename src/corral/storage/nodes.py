@@ -100,8 +100,9 @@ class Nodes:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
         try:
+            # Briefly: a server that is away must not hold up the stop (the row goes stale).
             await self.db.execute("DELETE FROM nodes WHERE node_id = $1 AND pid = $2",
-                                  self.me.node_id, self.me.pid)
+                                  self.me.node_id, self.me.pid, within_s=2.0)
         except Exception as exc:  # the server is gone: the row goes stale, which is the same
             log.warning("could not remove node %s from the queue: %s", self.me.node_id, exc)
 

@@ -117,18 +117,20 @@ class Postgres:
         while True:
             if self._pool is None:
                 raise StoreUnavailable("the database is not open")
-            used: Conn | None = None
+            closed = True  # whether the connection in use was gone when it failed
             try:
                 async with self._pool.acquire() as conn:
-                    used = conn
-                    if not transaction:
-                        return await fn(conn)
-                    async with conn.transaction():
-                        return await fn(conn)
+                    try:
+                        if not transaction:
+                            return await fn(conn)
+                        async with conn.transaction():
+                            return await fn(conn)
+                    except asyncpg.exceptions.InterfaceError:
+                        closed = conn.is_closed()  # asked while it is still ours
+                        raise
             except LOST as exc:
                 # An interface error on a connection still open is a misuse, not a loss.
-                if isinstance(exc, asyncpg.exceptions.InterfaceError) and used is not None \
-                        and not used.is_closed():
+                if isinstance(exc, asyncpg.exceptions.InterfaceError) and not closed:
                     raise
                 attempt += 1
                 delay = backoff_delay(attempt, base_s=0.1, cap_s=5.0)
