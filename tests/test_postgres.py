@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 
 from corral.executor.pool import balance
+from corral.storage.pgconn import LOST
 from corral.storage.postgres import PostgresStore
 from tests import pg
 from tests.conftest import ApiClient, until
@@ -416,3 +418,38 @@ async def test_cancel_nodes_and_reply_across_nodes(
         assert [e["node_id"] for e in done["executions"]] == ["b", "b"]
     finally:
         await nodes.stop_all()
+
+
+async def test_a_transaction_whose_connection_dies_runs_again_and_a_misuse_does_not(
+    pg_cluster: pg.PgCluster,
+) -> None:
+    from corral.storage.pgconn import Conn, Postgres
+
+    url = await pg_cluster.new_database()
+    db = Postgres(url, reconnect_s=20)
+    await db.open()
+    try:
+        await db.execute("CREATE TABLE t (n INTEGER)")
+        calls = 0
+
+        async def write(c: Conn) -> int:
+            nonlocal calls
+            calls += 1
+            await c.execute("INSERT INTO t VALUES ($1)", calls)
+            if calls == 1:  # the server ends this very connection mid-transaction
+                with contextlib.suppress(*LOST):
+                    await c.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            return calls
+
+        assert await db.run(write) == 2
+        assert [r[0] for r in await db.fetch("SELECT n FROM t")] == [2]  # the first rolled back
+
+        async def misuse(c: Conn) -> None:
+            raise asyncpg.exceptions.InterfaceError("a bug, on a connection still open")
+
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(asyncpg.exceptions.InterfaceError):
+            await db.run(misuse)
+        assert asyncio.get_running_loop().time() - started < 1  # raised, not retried
+    finally:
+        await db.close()
