@@ -453,3 +453,41 @@ async def test_a_transaction_whose_connection_dies_runs_again_and_a_misuse_does_
         assert asyncio.get_running_loop().time() - started < 1  # raised, not retried
     finally:
         await db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_daemon_stopped_while_its_server_is_away_stops_within_its_grace(
+    tmp_path: Path, fake_openai: MakeFake, socket_path: Callable[[], Path],
+    api_client: Callable[[Path], ApiClient],
+) -> None:
+    with pg.cluster() as server:
+        url = await server.new_database()
+        fake = await fake_openai()
+        fake.default = Reply(text="slow " * 40, chunks=40, chunk_delay_s=0.2)
+        nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
+        try:
+            api = await nodes.start("a")
+            task = await api.submit(prompt="long", agent="local", max_retries=2)
+
+            async def running() -> bool:
+                return bool(await db_rows(url, "SELECT 1 FROM executions"
+                                          " WHERE status = 'running'"))
+
+            await until(running, timeout_s=20, every_s=0.05)
+            await asyncio.to_thread(server.stop)
+            daemon = nodes.daemons["a"]
+            assert daemon.proc is not None
+            loop = asyncio.get_running_loop()
+            stopping = loop.time()
+            # grace 1 s + kill grace 1 s + 5 s of slack, and a backoff step of at most 5 s
+            assert await daemon.stop() == 0
+            assert loop.time() - stopping < 20
+            await asyncio.to_thread(server.start)
+            fake.default = Reply(text="done")
+            api = await nodes.start("a")  # what it could not write is recovered at start
+            done = await api.wait(task["id"], timeout_s=60)
+            assert done["state"] == "succeeded"
+            assert [e["status"] for e in done["executions"]] == ["interrupted", "succeeded"]
+        finally:
+            await nodes.stop_all()

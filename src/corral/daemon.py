@@ -55,7 +55,8 @@ log = logging.getLogger("corral")
 GC_GEN0_THRESHOLD = 7000
 # How often idle worktrees past [workspace] keep_days are looked for (also at every start).
 CLEANUP_EVERY_S = 3600.0
-ORPHAN_AFTER_S = 60.0  # an execution this old with no worker is an orphan
+ORPHAN_AFTER_S = 60.0
+STOP_WRITE_SLACK_S = 5.0  # an execution this old with no worker is an orphan
 
 
 class SocketInUse(ConfigError):
@@ -325,6 +326,12 @@ async def running_daemon(
         # it is entered after the server's cleanup, so on the way out it stops first and
         # clients get a 503 meanwhile, not a refused connection.
         await stack.enter_async_context(pool)
+        # On the way out, before the pool stops: a store that lost its server is waited for
+        # through the stop's grace, not for the minutes a running daemon would wait (what is
+        # not written then is recovered at the next start).
+        stack.callback(store.stop_waiting_after,
+                       settings.daemon.shutdown_grace_seconds + settings.pool.kill_grace_seconds
+                       + STOP_WRITE_SLACK_S)
         await stack.enter_async_context(scheduler)  # stops before the pool on the way out
         # A deep backlog: a burst of clients (scripts, other agents) must queue, not fail.
         site = web.UnixSite(runner, str(socket_path), backlog=4096)

@@ -194,6 +194,11 @@ class Store(Protocol):
 
     async def recover_interrupted(self) -> int: ...
 
+    def stop_waiting_after(self, seconds: float) -> None:
+        """From now on, a write waits at most ``seconds`` for a lost server (the daemon is
+        stopping)."""
+        ...
+
     async def release_orphans(self, live: Iterable[int], started_before: float) -> int:
         """This node's executions recorded running, started before ``started_before``, that
         are not in ``live`` (no worker has them: a claim whose commit was answered by a lost

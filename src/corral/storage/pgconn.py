@@ -77,6 +77,7 @@ class Postgres:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._heard: dict[str, list[Callable[[str], None]]] = {}
+        self._cutoff: float | None = None  # no write waits for the server past this
 
     def _settings(self) -> dict[str, str]:
         return {"application_name": "corral", "TimeZone": local_zone()}
@@ -115,6 +116,8 @@ class Postgres:
         deadline = time.monotonic() + (self.reconnect_s if within_s is None else within_s)
         attempt = 0
         while True:
+            if self._cutoff is not None:
+                deadline = min(deadline, self._cutoff)
             if self._pool is None:
                 raise StoreUnavailable("the database is not open")
             closed = True  # whether the connection in use was gone when it failed
@@ -140,6 +143,10 @@ class Postgres:
                 if attempt == 1:
                     log.warning("lost the database (%s); retrying", _reason(exc))
                 await self._sleep(delay)
+
+    def give_up_after(self, seconds: float) -> None:
+        """Writes in flight and to come wait at most ``seconds`` more for a lost server."""
+        self._cutoff = time.monotonic() + seconds
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self.run(lambda c: c.fetch(sql, *args), transaction=False)

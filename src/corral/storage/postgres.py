@@ -633,6 +633,9 @@ class PostgresStore:
         return await self._db.run(lambda c: interrupt(
             c, self.node_id, now, "daemon stopped while this execution was running"))
 
+    def stop_waiting_after(self, seconds: float) -> None:
+        self._db.give_up_after(seconds)
+
     async def release_orphans(self, live: Iterable[int], started_before: float) -> int:
         now = self._clock()
         return await self._db.run(lambda c: interrupt(

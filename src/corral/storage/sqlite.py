@@ -642,6 +642,9 @@ class SqliteStore:
 
         return await self._db.write_now(recover)
 
+    def stop_waiting_after(self, seconds: float) -> None:
+        """Nothing to do: a local file has no server to lose."""
+
     async def release_orphans(self, live: Iterable[int], started_before: float) -> int:
         """Nothing to release: a commit to a local file is never in doubt, so every running
         execution has its worker until the daemon stops (then ``recover_interrupted``)."""
