@@ -408,6 +408,15 @@ async def test_cancel_nodes_and_reply_across_nodes(
         assert status == 200 and cancelled["state"] == "cancelled", cancelled
         assert cancelled["executions"][0]["node_id"] == "b"
         assert cancelled["executions"][0]["status"] == "cancelled"
+        # Waiting on one node for a task on another ends when it does (a notification).
+        fake.default = Reply(text="a second", chunks=10, chunk_delay_s=0.1)
+        other = await a.submit(prompt="a second", agent="local", node="b")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, waited = await a.call("GET", f"/tasks/{other['id']}/wait",
+                                      params={"timeout_s": "30"})
+        assert status == 200 and waited["state"] == "succeeded", waited
+        assert loop.time() - started < 10
         # A reply goes on where the task ran: its session and logs are on b.
         fake.default = Reply(text="short")
         status, replied = await a.call("POST", f"/tasks/{task['id']}/reply",

@@ -300,7 +300,7 @@ async def running_daemon(
                     on_final=notifier.task_finished, clock=clock,
                     budgets=Budgets(store, settings.budget, clock=clock), prices=settings.prices,
                     known_agents=settings.agent_names())
-        store.on_ready(pool.wake)  # tasks stored by other nodes
+        store.on_task(pool.changed_elsewhere)  # tasks stored and changed by other nodes
         store.on_log(pool.log_grew)  # their logs, for followers here
         store.on_cancel(pool.cancel_requested)  # cancels asked for on other nodes
         scheduler = Scheduler(store, pool.submit, clock=clock)

@@ -626,6 +626,14 @@ class Pool:
         if job.shipper is not None:
             job.shipper.poke()
 
+    def changed_elsewhere(self, task_id: int | None, state: TaskState | None) -> None:
+        """Another node stored or changed a task: waiters and live views hear of it, and a
+        task that became ready may be claimed here."""
+        if task_id is not None:
+            self._changed(task_id)
+        if state in (None, TaskState.QUEUED):
+            self.wake()
+
     def log_grew(self, execution_id: int) -> None:
         """Another node's execution's log grew or it ended: its followers here wake."""
         self._watchers.notify(("execution", execution_id))

@@ -104,8 +104,9 @@ class Store(Protocol):
         node: str | None = None,
     ) -> Task: ...
 
-    def on_ready(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` when a task becomes ready that another process stored."""
+    def on_task(self, changed: Callable[[int | None, TaskState | None], None]) -> None:
+        """Call ``changed(task_id, state)`` when another process stores or changes a task
+        (``(None, None)``: anything may have changed)."""
         ...
 
     # Whether other daemons share this store (nodes). Then each execution's log is copied

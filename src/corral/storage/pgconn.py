@@ -39,7 +39,7 @@ Tx = Callable[[Conn], Awaitable[T]]
 # What a server going away looks like from here; these are retried, nothing else.
 LOST = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InterfaceError)
-READY_CHANNEL = "corral_ready"  # a task became ready (no payload)
+TASK_CHANNEL = "corral_task"  # a task was stored or changed state ("id state")
 LOG_CHANNEL = "corral_log"  # an execution's log grew or it ended (its id)
 CANCEL_CHANNEL = "corral_cancel"  # cancel this task, whoever runs it (its id)
 

@@ -43,7 +43,7 @@ from corral.storage.base import (
     TaskPage,
 )
 from corral.storage.nodes import NodeInfo, Nodes, interrupt
-from corral.storage.pgconn import CANCEL_CHANNEL, LOG_CHANNEL, READY_CHANNEL, Conn, Postgres
+from corral.storage.pgconn import CANCEL_CHANNEL, LOG_CHANNEL, TASK_CHANNEL, Conn, Postgres
 
 C = Conn
 _TASK = f"SELECT {rows.TASK_COLS} FROM tasks WHERE id = $1"
@@ -150,9 +150,18 @@ class PostgresStore:
     # Other nodes read this store, logs included.
     shared = True
 
-    def on_ready(self, wake: Callable[[], None]) -> None:
-        """``wake`` is called when a task becomes ready on any node."""
-        self._db.listen(READY_CHANNEL, lambda _payload: wake())
+    def on_task(self, changed: Callable[[int | None, TaskState | None], None]) -> None:
+        """``changed(task_id, state)`` when a task is stored or changes state on any node;
+        ``(None, None)`` after the listening connection was made again (anything may have)."""
+
+        def heard(payload: str) -> None:
+            if not payload:
+                changed(None, None)
+                return
+            task_id, state = payload.split(" ", 1)
+            changed(int(task_id), TaskState(state))
+
+        self._db.listen(TASK_CHANNEL, heard)
 
     def on_log(self, grew: Callable[[int], None]) -> None:
         """``grew(execution_id)`` when an execution's log grows or it ends, on any node."""

@@ -223,8 +223,8 @@ class SqliteStore:
     # One daemon owns the file: its logs are its own files, never copied in here.
     shared = False
 
-    def on_ready(self, wake: Callable[[], None]) -> None:
-        """Nothing to do: one daemon owns the file, and it wakes itself on its own writes."""
+    def on_task(self, changed: Callable[[int | None, TaskState | None], None]) -> None:
+        """Nothing to do: one daemon owns the file, and it hears of its own writes."""
 
     def on_log(self, grew: Callable[[int], None]) -> None:
         """Nothing to do: every execution's log is this daemon's own file."""

@@ -175,17 +175,18 @@ CREATE TRIGGER task_counts_update AFTER UPDATE OF state ON tasks
     FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
     EXECUTE FUNCTION corral_task_counts();
 
--- A task becoming ready wakes the idle daemons listening (one notification per transaction).
-CREATE FUNCTION corral_task_ready() RETURNS trigger LANGUAGE plpgsql AS $$
+-- A task stored, classified or moved to another state tells every daemon listening ("id
+-- state"): an idle one wakes for a ready task, waiters and live views hear of the others.
+CREATE FUNCTION corral_task_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('corral_ready', '');
+    PERFORM pg_notify('corral_task', NEW.id || ' ' || NEW.state);
     RETURN NULL;
 END $$;
-CREATE TRIGGER task_ready_insert AFTER INSERT ON tasks
-    FOR EACH ROW WHEN (NEW.state = 'queued') EXECUTE FUNCTION corral_task_ready();
-CREATE TRIGGER task_ready_update AFTER UPDATE OF state, agent ON tasks
-    FOR EACH ROW WHEN (NEW.state = 'queued' AND NEW.agent IS NOT NULL)
-    EXECUTE FUNCTION corral_task_ready();
+CREATE TRIGGER task_changed_insert AFTER INSERT ON tasks
+    FOR EACH ROW EXECUTE FUNCTION corral_task_changed();
+CREATE TRIGGER task_changed_update AFTER UPDATE OF state, agent ON tasks
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.agent IS DISTINCT FROM NEW.agent)
+    EXECUTE FUNCTION corral_task_changed();
 
 -- A log that grew, or an execution that ended, wakes whoever follows it on any node.
 CREATE FUNCTION corral_log_grew() RETURNS trigger LANGUAGE plpgsql AS $$
