@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -80,6 +80,30 @@ class Nodes:
                     await daemon.proc.wait()
 
 
+MakeNodes = Callable[..., Awaitable[Nodes]]
+
+
+@pytest.fixture
+async def shared_queue(
+    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
+    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+) -> AsyncIterator[MakeNodes]:
+    """Daemon processes on a fresh database of ``server`` (default: the session's cluster),
+    with a loopback OpenAI fake of their own; whatever they leave running is stopped."""
+    made: list[Nodes] = []
+
+    async def make(server: pg.PgCluster | None = None) -> Nodes:
+        url = await (server or pg_cluster).new_database()
+        nodes = Nodes(tmp_path / f"q{len(made)}", url, await fake_openai(), socket_path,
+                      api_client)
+        made.append(nodes)
+        return nodes
+
+    yield make
+    for nodes in made:
+        await nodes.stop_all()
+
+
 async def db_rows(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(url)
     try:
@@ -105,105 +129,91 @@ def assert_each_ran_once(rows: list[asyncpg.Record], task_ids: list[int]) -> Non
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_three_daemons_drain_600_tasks_once_each_through_a_kill_and_a_restart(
-    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
-    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+    shared_queue: MakeNodes,
 ) -> None:
-    url = await pg_cluster.new_database()
-    fake = await fake_openai()
+    nodes = await shared_queue()
+    url, fake = nodes.url, nodes.fake
     fake.default = Reply(text="done", chunks=4, chunk_delay_s=0.03)
-    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
-    try:
-        apis = [await nodes.start(n) for n in ("a", "b", "c")]
-        ids = []
-        for n in range(600):  # submitted through every node in turn
-            ids.append((await apis[n % 3].submit(prompt=f"task {n}", agent="local",
-                                                 max_retries=3))["id"])
+    apis = [await nodes.start(n) for n in ("a", "b", "c")]
+    ids = []
+    for n in range(600):  # submitted through every node in turn
+        ids.append((await apis[n % 3].submit(prompt=f"task {n}", agent="local",
+                                             max_retries=3))["id"])
 
-        async def done_count() -> int:
-            rows = await db_rows(url, "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'")
-            return int(rows[0][0])
+    async def done_count() -> int:
+        rows = await db_rows(url, "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'")
+        return int(rows[0][0])
 
-        async def c_is_busy() -> bool:
-            rows = await db_rows(url, "SELECT COUNT(*) FROM executions WHERE node_id = 'c'"
-                                 " AND status = 'running'")
-            return await done_count() >= 100 and rows[0][0] > 0
+    async def c_is_busy() -> bool:
+        rows = await db_rows(url, "SELECT COUNT(*) FROM executions WHERE node_id = 'c'"
+                             " AND status = 'running'")
+        return await done_count() >= 100 and rows[0][0] > 0
 
-        await until(c_is_busy, timeout_s=60, every_s=0.05)
-        nodes.kill("c")  # SIGKILL mid-run: its running tasks go to a and b
-        killed_at = asyncio.get_running_loop().time()
+    await until(c_is_busy, timeout_s=60, every_s=0.05)
+    nodes.kill("c")  # SIGKILL mid-run: its running tasks go to a and b
+    killed_at = asyncio.get_running_loop().time()
 
-        async def c_reaped() -> bool:
-            rows = await db_rows(url, "SELECT COUNT(*) FROM executions WHERE node_id = 'c'"
-                                 " AND status = 'running'")
-            return int(rows[0][0]) == 0
+    async def c_reaped() -> bool:
+        rows = await db_rows(url, "SELECT COUNT(*) FROM executions WHERE node_id = 'c'"
+                             " AND status = 'running'")
+        return int(rows[0][0]) == 0
 
-        await until(c_reaped, timeout_s=20, every_s=0.1)
-        # Within the node timeout (3 s) and a heartbeat or two.
-        assert asyncio.get_running_loop().time() - killed_at < 8
-        await nodes.start("c")  # the same id comes back
+    await until(c_reaped, timeout_s=20, every_s=0.1)
+    # Within the node timeout (3 s) and a heartbeat or two.
+    assert asyncio.get_running_loop().time() - killed_at < 8
+    await nodes.start("c")  # the same id comes back
 
-        async def all_done() -> bool:
-            return await done_count() == 600
+    async def all_done() -> bool:
+        return await done_count() == 600
 
-        await until(all_done, timeout_s=180, every_s=0.2)
-        rows = await db_rows(url, "SELECT task_id, status, started_at, finished_at, node_id"
-                             " FROM executions")
-        assert_each_ran_once(rows, ids)
-        interrupted = [r for r in rows if r["status"] == "interrupted"]
-        assert interrupted and all(r["node_id"] == "c" for r in interrupted)
-        ran_on = {r["node_id"] for r in rows if r["status"] == "succeeded"}
-        assert ran_on == {"a", "b", "c"}
-        # Every node's CLI sees the whole queue.
-        code, out, err = await cli("stats", "--json", socket=nodes.daemons["a"].socket_path)
-        assert code == 0 and '"succeeded": 600' in out, err
-    finally:
-        await nodes.stop_all()
+    await until(all_done, timeout_s=180, every_s=0.2)
+    rows = await db_rows(url, "SELECT task_id, status, started_at, finished_at, node_id"
+                         " FROM executions")
+    assert_each_ran_once(rows, ids)
+    interrupted = [r for r in rows if r["status"] == "interrupted"]
+    assert interrupted and all(r["node_id"] == "c" for r in interrupted)
+    ran_on = {r["node_id"] for r in rows if r["status"] == "succeeded"}
+    assert ran_on == {"a", "b", "c"}
+    # Every node's CLI sees the whole queue.
+    code, out, err = await cli("stats", "--json", socket=nodes.daemons["a"].socket_path)
+    assert code == 0 and '"succeeded": 600' in out, err
+    await nodes.stop_all()
     assert await db_rows(url, "SELECT node_id FROM nodes") == []  # clean stops leave
 
 
 async def test_a_second_daemon_with_a_live_node_id_refuses_to_start(
-    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
-    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+    tmp_path: Path, shared_queue: MakeNodes, socket_path: Callable[[], Path],
 ) -> None:
-    url = await pg_cluster.new_database()
-    fake = await fake_openai()
-    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
-    try:
-        await nodes.start("same")
-        config = node_config(tmp_path / "twin", socket_path(), url, fake, "same")
-        code, _, err = await cli("serve", "--config", str(config))
-        assert code != 0
-        assert err.strip().count("\n") == 0, err
-        assert "node 'same' is already running" in err and f"pid {nodes.daemons['same'].pid}" in err
-    finally:
-        await nodes.stop_all()
+    nodes = await shared_queue()
+    url, fake = nodes.url, nodes.fake
+    await nodes.start("same")
+    config = node_config(tmp_path / "twin", socket_path(), url, fake, "same")
+    code, _, err = await cli("serve", "--config", str(config))
+    assert code != 0
+    assert err.strip().count("\n") == 0, err
+    assert "node 'same' is already running" in err and f"pid {nodes.daemons['same'].pid}" in err
 
 
 async def test_a_node_killed_and_restarted_at_once_takes_back_its_own_tasks(
-    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
-    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+    shared_queue: MakeNodes,
 ) -> None:
-    url = await pg_cluster.new_database()
-    fake = await fake_openai()
+    nodes = await shared_queue()
+    url, fake = nodes.url, nodes.fake
     fake.default = Reply(text="slow", chunks=10, chunk_delay_s=0.1)
-    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
-    try:
-        api = await nodes.start("solo")
-        task = await api.submit(prompt="long", agent="local", max_retries=2)
+    api = await nodes.start("solo")
+    task = await api.submit(prompt="long", agent="local", max_retries=2)
 
-        async def running() -> bool:
-            return bool(await db_rows(url, "SELECT 1 FROM executions WHERE status = 'running'"))
+    async def running() -> bool:
+        return bool(await db_rows(url, "SELECT 1 FROM executions WHERE status = 'running'"))
 
-        await until(running, timeout_s=20, every_s=0.05)
-        nodes.kill("solo")
-        await nodes.daemons["solo"].proc.wait()  # type: ignore[union-attr]
-        # Its heartbeat is still fresh, but its process is provably gone: it may start.
-        api = await nodes.start("solo")
-        done = await api.wait(task["id"], timeout_s=60)
-        assert done["state"] == "succeeded"
-        assert [e["status"] for e in done["executions"]] == ["interrupted", "succeeded"]
-    finally:
-        await nodes.stop_all()
+    await until(running, timeout_s=20, every_s=0.05)
+    nodes.kill("solo")
+    await nodes.daemons["solo"].proc.wait()  # type: ignore[union-attr]
+    # Its heartbeat is still fresh, but its process is provably gone: it may start.
+    api = await nodes.start("solo")
+    done = await api.wait(task["id"], timeout_s=60)
+    assert done["state"] == "succeeded"
+    assert [e["status"] for e in done["executions"]] == ["interrupted", "succeeded"]
 
 
 @pytest.mark.parametrize("case", ["refused", "no such role", "no such database",
@@ -248,14 +258,12 @@ async def test_a_global_cap_holds_across_nodes(pg_cluster: pg.PgCluster, tmp_pat
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_the_database_restarting_under_running_daemons_loses_nothing(
-    tmp_path: Path, fake_openai: MakeFake, socket_path: Callable[[], Path],
-    api_client: Callable[[Path], ApiClient],
+    shared_queue: MakeNodes,
 ) -> None:
     with pg.cluster() as server:  # a server of its own, to restart
-        url = await server.new_database()
-        fake = await fake_openai()
+        nodes = await shared_queue(server)
+        url, fake = nodes.url, nodes.fake
         fake.default = Reply(text="done", chunks=5, chunk_delay_s=0.1)
-        nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
         try:
             apis = [await nodes.start(n) for n in ("a", "b")]
             ids = [(await apis[n % 2].submit(prompt=f"t{n}", agent="local"))["id"]
@@ -283,73 +291,62 @@ async def test_the_database_restarting_under_running_daemons_loses_nothing(
 
 
 async def test_logs_follow_on_one_node_a_task_running_on_another(
-    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
-    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+    shared_queue: MakeNodes,
 ) -> None:
-    url = await pg_cluster.new_database()
-    fake = await fake_openai()
+    nodes = await shared_queue()
+    url, fake = nodes.url, nodes.fake
     fake.default = Reply(text="word " * 40, chunks=40, chunk_delay_s=0.1)
-    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
-    try:
-        a = await nodes.start("a")
-        await nodes.start("b")
-        task = await a.submit(prompt="talk", agent="local", node="b")
-        assert task["node"] == "b"
-        env = {**os.environ, "CORRAL_SOCKET": str(nodes.daemons["a"].socket_path)}
-        follower = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.cli", "logs", "-f", "--raw", str(task["id"]), env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        assert follower.stdout is not None
-        first = await asyncio.wait_for(follower.stdout.readline(), 30)
-        assert first.strip()
-        states = await db_rows(url, "SELECT status, node_id FROM executions WHERE task_id = $1",
-                               task["id"])
-        assert [(r["status"], r["node_id"]) for r in states] == [("running", "b")]  # live
-        rest = await asyncio.wait_for(follower.stdout.read(), 60)
-        assert await asyncio.wait_for(follower.wait(), 10) == 0
-        done = await a.wait(task["id"])
-        assert done["state"] == "succeeded" and done["executions"][0]["node_id"] == "b"
-        local_copy = Path(done["executions"][0]["log_dir"]) / "stdout.log"
-        assert (first + rest) == local_copy.read_bytes()  # b's own file, byte for byte
-        status, body = await a.call("GET", f"/tasks/{task['id']}/log",
-                                    params={"stream": "stderr"})
-        assert status == 404 and "node b" in body["error"]["message"]
-    finally:
-        await nodes.stop_all()
+    a = await nodes.start("a")
+    await nodes.start("b")
+    task = await a.submit(prompt="talk", agent="local", node="b")
+    assert task["node"] == "b"
+    env = {**os.environ, "CORRAL_SOCKET": str(nodes.daemons["a"].socket_path)}
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "logs", "-f", "--raw", str(task["id"]), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert follower.stdout is not None
+    first = await asyncio.wait_for(follower.stdout.readline(), 30)
+    assert first.strip()
+    states = await db_rows(url, "SELECT status, node_id FROM executions WHERE task_id = $1",
+                           task["id"])
+    assert [(r["status"], r["node_id"]) for r in states] == [("running", "b")]  # live
+    rest = await asyncio.wait_for(follower.stdout.read(), 60)
+    assert await asyncio.wait_for(follower.wait(), 10) == 0
+    done = await a.wait(task["id"])
+    assert done["state"] == "succeeded" and done["executions"][0]["node_id"] == "b"
+    local_copy = Path(done["executions"][0]["log_dir"]) / "stdout.log"
+    assert (first + rest) == local_copy.read_bytes()  # b's own file, byte for byte
+    status, body = await a.call("GET", f"/tasks/{task['id']}/log",
+                                params={"stream": "stderr"})
+    assert status == 404 and "node b" in body["error"]["message"]
 
 
 async def test_a_task_with_a_dir_stays_on_its_node_unless_told(
-    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
-    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+    tmp_path: Path, shared_queue: MakeNodes,
 ) -> None:
-    url = await pg_cluster.new_database()
-    fake = await fake_openai()
-    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
-    try:
-        a = await nodes.start("a")
-        here = await a.submit(prompt="p", agent="local", workdir=str(tmp_path), isolate=False)
-        anywhere = await a.submit(prompt="p", agent="local", workdir=str(tmp_path),
-                                  isolate=False, node="any")
-        free = await a.submit(prompt="p", agent="local")
-        assert (here["node"], anywhere["node"], free["node"]) == ("a", None, None)
-        code, out, err = await cli("submit", "--agent", "local", "--node", "b", "--json",
-                                   "hello", socket=nodes.daemons["a"].socket_path)
-        assert code == 0 and '"node": "b"' in out, err
-        status, body = await a.call("POST", "/tasks", json={"prompt": "x", "node": "no spaces"})
-        assert status == 400 and "node" in body["error"]["message"]
-        # A task in a repository gets its worktree on its node; the branch is landed there.
-        b = await nodes.start("b")
-        repo = make_repo(tmp_path / "repo", {"a.txt": "one\n"})
-        in_repo = await a.submit(prompt="p", agent="local", workdir=str(repo))
-        assert in_repo["node"] == "a" and in_repo["workspace"] is not None
-        done = await a.wait(in_repo["id"])
-        assert done["executions"][0]["node_id"] == "a"
-        status, body = await b.call("POST", f"/tasks/{in_repo['id']}/discard")
-        assert status == 409 and "on node a" in body["error"]["message"], body
-        status, _ = await a.call("POST", f"/tasks/{in_repo['id']}/discard")
-        assert status == 200
-    finally:
-        await nodes.stop_all()
+    nodes = await shared_queue()
+    a = await nodes.start("a")
+    here = await a.submit(prompt="p", agent="local", workdir=str(tmp_path), isolate=False)
+    anywhere = await a.submit(prompt="p", agent="local", workdir=str(tmp_path),
+                              isolate=False, node="any")
+    free = await a.submit(prompt="p", agent="local")
+    assert (here["node"], anywhere["node"], free["node"]) == ("a", None, None)
+    code, out, err = await cli("submit", "--agent", "local", "--node", "b", "--json",
+                               "hello", socket=nodes.daemons["a"].socket_path)
+    assert code == 0 and '"node": "b"' in out, err
+    status, body = await a.call("POST", "/tasks", json={"prompt": "x", "node": "no spaces"})
+    assert status == 400 and "node" in body["error"]["message"]
+    # A task in a repository gets its worktree on its node; the branch is landed there.
+    b = await nodes.start("b")
+    repo = make_repo(tmp_path / "repo", {"a.txt": "one\n"})
+    in_repo = await a.submit(prompt="p", agent="local", workdir=str(repo))
+    assert in_repo["node"] == "a" and in_repo["workspace"] is not None
+    done = await a.wait(in_repo["id"])
+    assert done["executions"][0]["node_id"] == "a"
+    status, body = await b.call("POST", f"/tasks/{in_repo['id']}/discard")
+    assert status == 409 and "on node a" in body["error"]["message"], body
+    status, _ = await a.call("POST", f"/tasks/{in_repo['id']}/discard")
+    assert status == 200
 
 
 async def test_an_execution_no_worker_holds_goes_back_to_the_queue(
@@ -385,48 +382,43 @@ async def test_daemons_starting_together_migrate_once(pg_cluster: pg.PgCluster) 
 
 
 async def test_cancel_nodes_and_reply_across_nodes(
-    tmp_path: Path, pg_cluster: pg.PgCluster, fake_openai: MakeFake,
-    socket_path: Callable[[], Path], api_client: Callable[[Path], ApiClient],
+    shared_queue: MakeNodes,
 ) -> None:
-    url = await pg_cluster.new_database()
-    fake = await fake_openai()
+    nodes = await shared_queue()
+    url, fake = nodes.url, nodes.fake
     fake.default = Reply(text="slow " * 50, chunks=50, chunk_delay_s=0.1)
-    nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
-    try:
-        a = await nodes.start("a")
-        await nodes.start("b")
-        code, out, err = await cli("nodes", socket=nodes.daemons["a"].socket_path)
-        assert code == 0, err
-        assert out.splitlines()[0].startswith("a (this one): ") and out.splitlines()[1][:3] == "b: "
-        task = await a.submit(prompt="long", agent="local", node="b")
+    a = await nodes.start("a")
+    await nodes.start("b")
+    code, out, err = await cli("nodes", socket=nodes.daemons["a"].socket_path)
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("a (this one): ") and out.splitlines()[1][:3] == "b: "
+    task = await a.submit(prompt="long", agent="local", node="b")
 
-        async def running() -> bool:
-            return bool(await db_rows(url, "SELECT 1 FROM executions WHERE status = 'running'"))
+    async def running() -> bool:
+        return bool(await db_rows(url, "SELECT 1 FROM executions WHERE status = 'running'"))
 
-        await until(running, timeout_s=20, every_s=0.05)
-        status, cancelled = await a.call("POST", f"/tasks/{task['id']}/cancel")
-        assert status == 200 and cancelled["state"] == "cancelled", cancelled
-        assert cancelled["executions"][0]["node_id"] == "b"
-        assert cancelled["executions"][0]["status"] == "cancelled"
-        # Waiting on one node for a task on another ends when it does (a notification).
-        fake.default = Reply(text="a second", chunks=10, chunk_delay_s=0.1)
-        other = await a.submit(prompt="a second", agent="local", node="b")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        status, waited = await a.call("GET", f"/tasks/{other['id']}/wait",
-                                      params={"timeout_s": "30"})
-        assert status == 200 and waited["state"] == "succeeded", waited
-        assert loop.time() - started < 10
-        # A reply goes on where the task ran: its session and logs are on b.
-        fake.default = Reply(text="short")
-        status, replied = await a.call("POST", f"/tasks/{task['id']}/reply",
-                                       json={"prompt": "again, briefly"})
-        assert status == 200 and replied["node"] == "b"
-        done = await a.wait(task["id"])
-        assert done["state"] == "succeeded"
-        assert [e["node_id"] for e in done["executions"]] == ["b", "b"]
-    finally:
-        await nodes.stop_all()
+    await until(running, timeout_s=20, every_s=0.05)
+    status, cancelled = await a.call("POST", f"/tasks/{task['id']}/cancel")
+    assert status == 200 and cancelled["state"] == "cancelled", cancelled
+    assert cancelled["executions"][0]["node_id"] == "b"
+    assert cancelled["executions"][0]["status"] == "cancelled"
+    # Waiting on one node for a task on another ends when it does (a notification).
+    fake.default = Reply(text="a second", chunks=10, chunk_delay_s=0.1)
+    other = await a.submit(prompt="a second", agent="local", node="b")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, waited = await a.call("GET", f"/tasks/{other['id']}/wait",
+                                  params={"timeout_s": "30"})
+    assert status == 200 and waited["state"] == "succeeded", waited
+    assert loop.time() - started < 10
+    # A reply goes on where the task ran: its session and logs are on b.
+    fake.default = Reply(text="short")
+    status, replied = await a.call("POST", f"/tasks/{task['id']}/reply",
+                                   json={"prompt": "again, briefly"})
+    assert status == 200 and replied["node"] == "b"
+    done = await a.wait(task["id"])
+    assert done["state"] == "succeeded"
+    assert [e["node_id"] for e in done["executions"]] == ["b", "b"]
 
 
 async def test_a_transaction_whose_connection_dies_runs_again_and_a_misuse_does_not(
@@ -467,14 +459,12 @@ async def test_a_transaction_whose_connection_dies_runs_again_and_a_misuse_does_
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_a_daemon_stopped_while_its_server_is_away_stops_within_its_grace(
-    tmp_path: Path, fake_openai: MakeFake, socket_path: Callable[[], Path],
-    api_client: Callable[[Path], ApiClient],
+    shared_queue: MakeNodes,
 ) -> None:
     with pg.cluster() as server:
-        url = await server.new_database()
-        fake = await fake_openai()
+        nodes = await shared_queue(server)
+        url, fake = nodes.url, nodes.fake
         fake.default = Reply(text="slow " * 40, chunks=40, chunk_delay_s=0.2)
-        nodes = Nodes(tmp_path, url, fake, socket_path, api_client)
         try:
             api = await nodes.start("a")
             task = await api.submit(prompt="long", agent="local", max_retries=2)

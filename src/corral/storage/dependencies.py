@@ -21,6 +21,12 @@ def readiness(c: sqlite3.Connection, after: Iterable[int]) -> tuple[TaskState, s
         return TaskState.QUEUED, None
     marks = ",".join("?" * len(wanted))
     states = dict(c.execute(f"SELECT id, state FROM tasks WHERE id IN ({marks})", wanted))
+    return decide(wanted, states)
+
+
+def decide(wanted: list[int], states: dict[int, str]) -> tuple[TaskState, str | None]:
+    """Readiness from the states of the tasks waited for (either backend): an unknown one is
+    a 400, a failed or cancelled one cancels, all succeeded queues, else blocked."""
     missing = [i for i in wanted if i not in states]
     if missing:
         raise BadRequest(f"--after names task {missing[0]}, which does not exist",

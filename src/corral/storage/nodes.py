@@ -22,7 +22,7 @@ from corral.errors import NodeTaken
 from corral.host import procs
 from corral.models import ProcessIdentity, TaskState
 from corral.storage import pg_dependencies as dependencies
-from corral.storage.pgconn import LOST, Conn, Postgres
+from corral.storage.pgconn import Conn, Postgres
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Nodes:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 self.reaped += await self.beat()
-            except (*LOST, Exception) as exc:  # the next beat tries again
+            except Exception as exc:  # a lost server or anything else: the next beat tries again
                 if self._steady_since is not None:  # once per outage, not once per beat
                     log.warning("heartbeat failed: %s", exc)
                 self._steady_since = None

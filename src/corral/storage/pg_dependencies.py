@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from corral.errors import BadRequest
 from corral.models import TaskState
+from corral.storage.dependencies import decide
 from corral.storage.pgconn import Conn
 
 
@@ -19,16 +19,7 @@ async def readiness(c: Conn, after: Iterable[int]) -> tuple[TaskState, str | Non
     # FOR SHARE: a dependency cannot finish between this look and the dependent's insert.
     states = {r[0]: r[1] for r in await c.fetch(
         "SELECT id, state FROM tasks WHERE id = ANY($1::bigint[]) FOR SHARE", wanted)}
-    missing = [i for i in wanted if i not in states]
-    if missing:
-        raise BadRequest(f"--after names task {missing[0]}, which does not exist",
-                         code="unknown_dependency")
-    for task_id in wanted:
-        if states[task_id] in (TaskState.FAILED, TaskState.CANCELLED):
-            return TaskState.CANCELLED, f"dependency {task_id} {states[task_id]}"
-    if all(states[i] == TaskState.SUCCEEDED for i in wanted):
-        return TaskState.QUEUED, None
-    return TaskState.BLOCKED, None
+    return decide(wanted, states)
 
 
 async def record(c: Conn, task_id: int, after: Iterable[int]) -> None:

@@ -76,6 +76,7 @@ class Postgres:
         self._sleep = sleep
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # listeners replaced, still closing
         self._heard: dict[str, list[Callable[[str], None]]] = {}
         self._cutoff: float | None = None  # no write waits for the server past this
 
@@ -101,10 +102,10 @@ class Postgres:
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        listeners = {*self._stopping, *([listener] if listener is not None else [])}
+        for task in listeners:
+            task.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -165,8 +166,13 @@ class Postgres:
     def listen(self, channel: str, heard: Callable[[str], None]) -> None:
         """Call ``heard(payload)`` for each notification on ``channel``, and once with ``""``
         whenever the listening connection is made (what was missed while it was not)."""
+        new = channel not in self._heard
         self._heard.setdefault(channel, []).append(heard)
-        if self._listener is None:
+        if new and self._listener is not None:
+            self._stopping.add(self._listener)  # listening again, with this channel too
+            self._listener.add_done_callback(self._stopping.discard)
+            self._listener.cancel()
+        if new or self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="corral-pg-listen")
 
     def _notified(self, _conn: object, _pid: int, channel: str, payload: object) -> None:

@@ -114,14 +114,14 @@ class PostgresStore:
         global_max_concurrent: Mapping[str, int] | None = None,
         reconnect_s: float = 300.0,
         migrate_upto: int | None = None,
-        register: bool = True,
     ) -> None:
         self.node_id = node_id
         self._clock = clock
         self._db = Postgres(url, reconnect_s=reconnect_s, migrate_upto=migrate_upto)
         self._caps = dict(global_max_concurrent or {})
-        self.membership = Nodes(self._db, NodeInfo.this_process(node_id), heartbeat_s=heartbeat_s,
-                           node_timeout_s=node_timeout_s, clock=clock) if register else None
+        self.membership = Nodes(self._db, NodeInfo.this_process(node_id),
+                                heartbeat_s=heartbeat_s, node_timeout_s=node_timeout_s,
+                                clock=clock)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -135,16 +135,14 @@ class PostgresStore:
     async def open(self) -> None:
         """Connect, migrate (once, however many daemons start together) and register."""
         await self._db.open()
-        if self.membership is not None:
-            try:
-                await self.membership.start()
-            except BaseException:
-                await self._db.close()
-                raise
+        try:
+            await self.membership.start()
+        except BaseException:
+            await self._db.close()
+            raise
 
     async def close(self) -> None:
-        if self.membership is not None:
-            await self.membership.stop()
+        await self.membership.stop()
         await self._db.close()
 
     # Other nodes read this store, logs included.

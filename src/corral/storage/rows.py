@@ -81,8 +81,7 @@ def execution(row: Row) -> Execution:
 
 
 def schedule(row: Row) -> Schedule:
-    options = row[3] if isinstance(row[3], dict) else json.loads(row[3])
-    return Schedule(id=row[0], cron=row[1], prompt=row[2], options=options,
+    return Schedule(id=row[0], cron=row[1], prompt=row[2], options=json.loads(row[3]),
                     created_at=row[4], last_fired_at=row[5], last_task_id=row[6])
 
 
