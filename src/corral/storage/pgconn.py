@@ -210,9 +210,9 @@ class Postgres:
 
 async def _keep(_conn: object) -> None:
     """A pooled connection goes back as it is. asyncpg's default reset sends four statements
-    (unlock all, close all, unlisten, reset all) on every release, a third of all statements
-    bench.dispatch --store saw; these connections take no session locks, listen to nothing
-    and change no settings (the listener and the migration have connections of their own)."""
+    (unlock all, close all, unlisten, reset all) on every release, more than the one a task's
+    write needs; these connections take no session locks, listen to nothing and change no
+    settings (the listener and the migration have connections of their own)."""
 
 
 def _reason(exc: BaseException) -> str:
